@@ -1,0 +1,300 @@
+"""Where the images are in a prompt: `Template`, `Layout`, and the compact layout spec.
+
+Semantics (DESIGN.md §1): an *image segment* runs from an open delimiter through its matching close
+delimiter, both included; with no delimiters in the template, a segment is a maximal run of image
+placeholder tokens. ``image[b, t]`` is the segment index of token t in row b (0, 1, ...) or -1 for text;
+padding counts as text. ``sink[b, t]`` marks the first ``sinks_per_image`` tokens of every segment.
+Malformed prompts raise :class:`LayoutError` naming the row and the position; nothing is guessed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["Template", "Layout", "LayoutError", "parse_layout_spec", "input_ids_from_spec"]
+
+
+class LayoutError(ValueError):
+    """The prompt's image delimiters or placeholders do not form well-formed image segments."""
+
+
+@dataclass(frozen=True)
+class Template:
+    """How a model marks images in ``input_ids``.
+
+    ``image_open_ids[i]`` is closed by ``image_close_ids[i]`` (parallel tuples; both empty when the model
+    has no delimiters, in which case a segment is a maximal run of ``image_token_ids``).
+    """
+
+    image_open_ids: tuple[int, ...]
+    image_close_ids: tuple[int, ...]
+    image_token_ids: tuple[int, ...]
+    sinks_per_image: int = 1
+
+    def __post_init__(self):
+        for name in ("image_open_ids", "image_close_ids", "image_token_ids"):
+            object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
+        if len(self.image_open_ids) != len(self.image_close_ids):
+            raise ValueError(
+                "Template: image_open_ids and image_close_ids are parallel (open i is closed by close i); "
+                f"got {len(self.image_open_ids)} open and {len(self.image_close_ids)} close ids"
+            )
+        if not self.image_token_ids:
+            raise ValueError("Template: image_token_ids must name at least one placeholder id")
+        ids = self.image_open_ids + self.image_close_ids + self.image_token_ids
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"Template: open, close and placeholder ids must all differ, got {ids}")
+        if self.sinks_per_image < 1:
+            raise ValueError(f"Template: sinks_per_image must be >= 1, got {self.sinks_per_image}")
+
+    @property
+    def has_delimiters(self) -> bool:
+        return bool(self.image_open_ids)
+
+    @classmethod
+    def from_config(cls, config, sinks_per_image: int = 1) -> "Template":
+        """The template of a transformers VLM config (or a model: its ``.config`` is used)."""
+        config = getattr(config, "config", config)
+        model_type = getattr(config, "model_type", None)
+        if model_type in ("qwen2_vl", "qwen2_5_vl"):
+            return cls(
+                (config.vision_start_token_id,),
+                (config.vision_end_token_id,),
+                (config.image_token_id, config.video_token_id),
+                sinks_per_image,
+            )
+        if model_type == "gemma3":
+            return cls(
+                (config.boi_token_index,), (config.eoi_token_index,), (config.image_token_index,), sinks_per_image
+            )
+        raise ValueError(
+            f"Template.from_config: no built-in template for model_type={model_type!r} "
+            "(known: qwen2_vl, qwen2_5_vl, gemma3). Build one by hand: "
+            "Template(image_open_ids=(...), image_close_ids=(...), image_token_ids=(...))."
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "image_open_ids": list(self.image_open_ids),
+            "image_close_ids": list(self.image_close_ids),
+            "image_token_ids": list(self.image_token_ids),
+            "sinks_per_image": self.sinks_per_image,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Template":
+        return cls(
+            tuple(d["image_open_ids"]),
+            tuple(d["image_close_ids"]),
+            tuple(d["image_token_ids"]),
+            int(d.get("sinks_per_image", 1)),
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class Layout:
+    """Per-token image membership of a batch of prompts.
+
+    ``image``: int32 ``[B, S]``, segment index or -1 for text/padding. ``sink``: bool ``[B, S]``.
+    ``key`` is a digest of both, so equal layouts share cached block masks.
+    """
+
+    image: torch.Tensor
+    sink: torch.Tensor
+    key: str = field(default="", compare=False)
+
+    def __post_init__(self):
+        if self.image.dim() != 2 or self.image.shape != self.sink.shape:
+            raise ValueError(f"Layout: image and sink must both be [B, S]; got {self.image.shape}, {self.sink.shape}")
+        object.__setattr__(self, "image", self.image.to(torch.int32))
+        object.__setattr__(self, "sink", self.sink.to(torch.bool))
+        if not self.key:
+            h = hashlib.blake2b(digest_size=16)
+            h.update(str(tuple(self.image.shape)).encode())
+            h.update(self.image.cpu().numpy().tobytes())
+            h.update(self.sink.cpu().numpy().tobytes())
+            object.__setattr__(self, "key", h.hexdigest())
+
+    @property
+    def batch_size(self) -> int:
+        return self.image.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.image.shape[1]
+
+    @property
+    def num_images(self) -> torch.Tensor:
+        """Number of image segments per row, int ``[B]``."""
+        return (self.image.max(dim=1).values + 1).clamp_min(0)
+
+    @property
+    def has_images(self) -> bool:
+        return bool((self.image >= 0).any())
+
+    def to(self, device) -> "Layout":
+        return Layout(self.image.to(device), self.sink.to(device), self.key)
+
+    def segments(self, row: int = 0) -> list[tuple[int, int]]:
+        """``(start, end)`` (end exclusive) of each image segment of ``row``."""
+        img = self.image[row].cpu()
+        out = []
+        for i in range(int(img.max().item()) + 1 if img.numel() else 0):
+            pos = (img == i).nonzero().flatten()
+            out.append((int(pos[0]), int(pos[-1]) + 1))
+        return out
+
+    def __repr__(self) -> str:
+        return f"Layout(B={self.batch_size}, S={self.seq_len}, images={self.num_images.tolist()}, key={self.key[:8]})"
+
+    @classmethod
+    def from_input_ids(cls, input_ids: torch.Tensor, template: Template, attention_mask=None) -> "Layout":
+        """Find the image segments of ``input_ids`` ``[B, S]`` (or ``[S]``).
+
+        Positions where the 2-D ``attention_mask`` is 0 are padding: text, whatever their ids.
+        """
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() == 1:
+            ids = ids[None]
+        if ids.dim() != 2:
+            raise ValueError(f"Layout.from_input_ids: input_ids must be [B, S], got shape {tuple(ids.shape)}")
+        ids = ids.cpu().long()
+        real = torch.ones_like(ids, dtype=torch.bool)
+        if attention_mask is not None:
+            am = torch.as_tensor(attention_mask).cpu()
+            if am.shape != ids.shape:
+                raise ValueError(
+                    f"Layout.from_input_ids: attention_mask shape {tuple(am.shape)} != input_ids shape {tuple(ids.shape)}"
+                )
+            real = am.bool()
+        is_img = torch.isin(ids, torch.tensor(template.image_token_ids)) & real
+        if template.has_delimiters:
+            opens = torch.isin(ids, torch.tensor(template.image_open_ids)) & real
+            closes = torch.isin(ids, torch.tensor(template.image_close_ids)) & real
+            _check_delimiters(ids, opens, closes, is_img, template)
+            # depth after each token, counting the close token itself as inside its segment
+            depth = torch.cumsum(opens.int() - closes.int(), dim=1)
+            inside = (depth > 0) | closes
+        else:
+            opens = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+            inside = is_img
+        seg = torch.cumsum(opens.int(), dim=1) - 1
+        image = torch.where(inside, seg, torch.full_like(seg, -1))
+        # position of each token within its segment: t - (start of segment)
+        t = torch.arange(ids.shape[1]).expand_as(ids)
+        start = torch.cummax(torch.where(opens, t, torch.zeros_like(t)), dim=1).values
+        sink = inside & (t - start < template.sinks_per_image)
+        return cls(image, sink)
+
+    @classmethod
+    def from_spec(cls, spec: str, template: Template) -> "Layout":
+        """The layout of :func:`input_ids_from_spec` (batch 1)."""
+        return cls.from_input_ids(input_ids_from_spec(spec, template), template)
+
+
+def _check_delimiters(ids, opens, closes, is_img, template: Template) -> None:
+    """Raise LayoutError at the first malformed position of the first malformed row."""
+    depth = torch.cumsum(opens.int() - closes.int(), dim=1)
+    inside_before = torch.nn.functional.pad(depth, (1, 0))[:, :-1] > 0  # depth before token t
+    bad = (depth < 0) | (depth > 1) | (is_img & ~inside_before)
+    last_bad = depth[:, -1] != 0 if ids.shape[1] else torch.zeros(ids.shape[0], dtype=torch.bool)
+    # matching pairs: the open id's index must equal the close id's index
+    if len(template.image_open_ids) > 1:
+        open_kind = torch.zeros_like(ids)
+        for i, o in enumerate(template.image_open_ids):
+            open_kind[ids == o] = i + 1
+        current = torch.cummax(torch.where(opens, open_kind, torch.zeros_like(ids)), dim=1).values
+        close_kind = torch.zeros_like(ids)
+        for i, c in enumerate(template.image_close_ids):
+            close_kind[ids == c] = i + 1
+        bad |= closes & (close_kind != current)
+    if not (bad.any() or last_bad.any()):
+        return
+    for row in range(ids.shape[0]):
+        pos = bad[row].nonzero().flatten()
+        if len(pos):
+            p = int(pos[0])
+            tok = int(ids[row, p])
+            if is_img[row, p]:
+                what = f"image placeholder {tok} outside any image segment"
+            elif depth[row, p] > 1:
+                what = f"nested open delimiter {tok} (an image is already open)"
+            elif depth[row, p] < 0:
+                what = f"close delimiter {tok} without an open one"
+            else:
+                what = f"close delimiter {tok} does not match the open delimiter of its segment"
+            raise LayoutError(f"row {row}, position {p}: {what}")
+        if last_bad[row]:
+            p = int((opens[row].nonzero().flatten())[-1])
+            raise LayoutError(f"row {row}, position {p}: open delimiter {int(ids[row, p])} is never closed")
+
+
+_SPEC_ITEM = re.compile(r"\s*(text|image)\s*:\s*(\d+)\s*")
+
+
+def parse_layout_spec(spec: str) -> list[tuple[str, int]]:
+    """Parse ``"text:64,(image:496,text:16)x16,text:80"`` into ``[("text", 64), ("image", 496), ...]``.
+
+    ``image:N`` is one image of N tokens in all (delimiters included); ``(...)xK`` repeats a group K times.
+    """
+    pos = 0
+
+    def parse_list(end_char):
+        nonlocal pos
+        items = []
+        while True:
+            while pos < len(spec) and spec[pos].isspace():
+                pos += 1
+            if pos < len(spec) and spec[pos] == "(":
+                pos += 1
+                group = parse_list(")")
+                m = re.compile(r"\s*x\s*(\d+)").match(spec, pos)
+                if not m:
+                    raise ValueError(f"layout spec {spec!r}: expected 'xN' after ')' at position {pos}")
+                pos = m.end()
+                items.extend(group * int(m.group(1)))
+            else:
+                m = _SPEC_ITEM.match(spec, pos)
+                if not m:
+                    raise ValueError(
+                        f"layout spec {spec!r}: expected 'text:N', 'image:N' or '(...)xK' at position {pos}"
+                    )
+                pos = m.end()
+                items.append((m.group(1), int(m.group(2))))
+            if pos < len(spec) and spec[pos] == ",":
+                pos += 1
+                continue
+            if end_char == ")" and pos < len(spec) and spec[pos] == ")":
+                pos += 1
+                return items
+            if end_char is None and pos == len(spec):
+                return items
+            raise ValueError(f"layout spec {spec!r}: unexpected character at position {pos}")
+
+    items = parse_list(None)
+    for kind, n in items:
+        if n < 1:
+            raise ValueError(f"layout spec {spec!r}: {kind}:{n} must have at least one token")
+    return items
+
+
+def input_ids_from_spec(spec: str, template: Template, text_token_id: int = 0) -> torch.Tensor:
+    """``input_ids`` ``[1, S]`` for a layout spec: ``image:N`` = open + (N-2) placeholders + close."""
+    reserved = set(template.image_open_ids + template.image_close_ids + template.image_token_ids)
+    if text_token_id in reserved:
+        raise ValueError(f"text_token_id {text_token_id} is one of the template's image ids")
+    out: list[int] = []
+    for kind, n in parse_layout_spec(spec):
+        if kind == "text":
+            out += [text_token_id] * n
+        elif template.has_delimiters:
+            if n < 3:
+                raise ValueError(f"layout spec {spec!r}: image:{n} needs >= 3 tokens (open, placeholder, close)")
+            out += [template.image_open_ids[0]] + [template.image_token_ids[0]] * (n - 2) + [template.image_close_ids[0]]
+        else:
+            out += [template.image_token_ids[0]] * n
+    return torch.tensor([out], dtype=torch.long)

@@ -1,0 +1,200 @@
+"""BlockMasks built from the layout analytically, without evaluating the S x S mask.
+
+The sequence is cut into *runs*: maximal stretches of tokens that share image id, sink flag, padding,
+bidirectional group and tile. Between two runs every category's keep/drop is constant, and the base
+mask's pair count over the rectangle has a closed form (causal triangle, sliding band, full block).
+Counting kept pairs per run pair and summing them per tile gives the exact tile counts that
+``create_block_mask`` would get from the dense mask: full tile = all ``Q_BLOCK x KV_BLOCK`` pairs kept
+(tiles that cross the sequence end are never full, as in torch), partial = some. Cost: O(R^2) for R runs
+(~S/128 + 3 per image), shared by every layer and head of a category; results are cached per layout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from typing import Sequence
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+from ..layout import Layout
+from ..profile import Category
+from ..stats import count
+from .mask_mods import BaseMask, generate_blindsight_mask_mod
+
+__all__ = ["pair_counts", "build_block_mask", "clear_block_mask_cache"]
+
+_CACHE: OrderedDict = OrderedDict()
+_CACHE_SIZE = 16
+
+
+def _triangle_prefix(n: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
+    """sum over x <= n of clamp(x, 0, width)."""
+    n = n.clamp_min(0)
+    return torch.where(n <= width, n * (n + 1) // 2, width * (width + 1) // 2 + (n - width) * width)
+
+
+def _pairs_key_at_most(qs, qe, ks, ke, shift: int) -> torch.Tensor:
+    """Number of (q, k) in [qs, qe) x [ks, ke) with k <= q - shift."""
+    width = ke - ks
+    return _triangle_prefix(qe - shift - ks, width) - _triangle_prefix(qs - shift - ks, width)
+
+
+def _runs(layout: Layout, row: int, base: BaseMask, block: tuple[int, int]):
+    S = layout.seq_len
+    image, sink = layout.image[row].cpu().long(), layout.sink[row].cpu()
+    valid = base.key_padding[row].cpu() if base.key_padding is not None else torch.ones(S, dtype=torch.bool)
+    groups = base.bidirectional_groups[row].cpu().long() if base.bidirectional_groups is not None else None
+    change = torch.zeros(S, dtype=torch.bool)
+    for attr in (image, sink, valid) + ((groups,) if groups is not None else ()):
+        change[1:] |= attr[1:] != attr[:-1]
+    change[:: block[0]] = True
+    change[:: block[1]] = True
+    starts = change.nonzero().flatten()
+    ends = torch.cat([starts[1:], torch.tensor([S])])
+    g = groups[starts] if groups is not None else None
+    return starts, ends, image[starts], sink[starts], valid[starts], g
+
+
+def _row_pair_counts(layout: Layout, row: int, categories: Sequence[Category], base: BaseMask, block):
+    """Per category: kept pairs per tile ``[nq, nk]`` (int64) of one row, and the base's own counts."""
+    S = layout.seq_len
+    starts, ends, img, snk, valid, grp = _runs(layout, row, base, block)
+    qs, qe, ks, ke = starts[:, None], ends[:, None], starts[None, :], ends[None, :]
+    area = (qe - qs) * (ke - ks)
+    if base.causal:
+        geom = _pairs_key_at_most(qs, qe, ks, ke, 0)
+        if base.sliding_window is not None:
+            geom = geom - _pairs_key_at_most(qs, qe, ks, ke, int(base.sliding_window))
+        if grp is not None:
+            geom = torch.where((grp[:, None] == grp[None, :]) & (grp[:, None] >= 0), area, geom)
+    else:
+        geom = area
+    base_pairs = torch.where(valid[None, :], geom, 0)
+    # q == k pairs: runs are disjoint, so only a run with itself; the base keeps the diagonal unless padded
+    diagonal = torch.diag(torch.where(valid, ends - starts, 0))
+    both = (img[:, None] >= 0) & (img[None, :] >= 0)
+    same = img[:, None] == img[None, :]
+    sink_k = snk[None, :].expand_as(same)
+    nq, nk = -(-S // block[0]), -(-S // block[1])
+    index = ((starts // block[0])[:, None].expand_as(area), (starts // block[1])[None, :].expand_as(area))
+
+    def per_tile(pairs):
+        return torch.zeros(nq, nk, dtype=torch.int64).index_put_(index, pairs, accumulate=True)
+
+    out = {}
+    for c in categories:
+        if c == Category.DENSE:
+            kept = base_pairs
+        elif c == Category.INTRA_SINK:
+            kept = torch.where(~both | same | sink_k, base_pairs, 0)
+        elif c == Category.INTRA:
+            kept = torch.where(~both | same, base_pairs, 0)
+        else:  # SINK
+            kept = torch.where(~both | sink_k, base_pairs, diagonal)
+        out[c] = per_tile(kept)
+    return out
+
+
+def pair_counts(
+    layout: Layout, categories: Sequence[Category | str], base: BaseMask | None = None, block_size=128
+) -> dict[Category, torch.Tensor]:
+    """Kept (q, k) pairs per tile for each category: ``{category: int64 [B, nq, nk]}``.
+
+    ``base`` must be analytic (no tensor mask). Summing a tensor gives the category's kept pairs.
+    """
+    base = base if base is not None else BaseMask()
+    if not base.is_analytic:
+        raise ValueError("pair_counts needs an analytic base mask (causal/window/padding/bidirectional), not a tensor")
+    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    cats = sorted({Category.parse(c) for c in categories})
+    rows = [_row_pair_counts(layout, r, cats, base, block) for r in range(layout.batch_size)]
+    return {c: torch.stack([r[c] for r in rows]) for c in cats}
+
+
+def _ordered(dense: torch.Tensor):
+    """Like torch's ``_dense_to_ordered``: per-row block count and the column indices, present first."""
+    dense = dense.to(torch.int32)
+    return (
+        dense.sum(-1).to(torch.int32).contiguous(),
+        torch.argsort(dense, dim=-1, descending=True, stable=True).to(torch.int32).contiguous(),
+    )
+
+
+def _tensor_tiles(mask: torch.Tensor, B: int, H: int, block) -> tuple[torch.Tensor, torch.Tensor]:
+    """(any, all) per tile of a dense bool mask, padded as torch pads (tiles crossing the end are not full)."""
+    Q, KV = mask.shape[-2:]
+    pad_q, pad_k = -Q % block[0], -KV % block[1]
+    m = torch.nn.functional.pad(mask.expand(B, H, Q, KV), (0, pad_k, 0, pad_q))
+    m = m.view(B, H, (Q + pad_q) // block[0], block[0], (KV + pad_k) // block[1], block[1])
+    sums = m.sum(dim=(3, 5))
+    return sums > 0, sums == block[0] * block[1]
+
+
+def build_block_mask(
+    layout: Layout,
+    categories: Sequence[Category | str],
+    base: BaseMask | None = None,
+    block_size: int | tuple[int, int] = 128,
+) -> BlockMask:
+    """The BlockMask (H = ``len(categories)`` query heads) of base AND each head's category.
+
+    With an analytic base it equals ``create_block_mask(generate_blindsight_mask_mod(...))`` exactly and is
+    cached per (layout, categories, base, block size). With a tensor base, tile emptiness/fullness of the
+    tensor and of the categories are combined: a tile is full only when both are full and skipped only
+    when either is empty, so a few tiles may be partial that torch would call empty (never the reverse;
+    the mask_mod keeps the result exact).
+    """
+    base = base if base is not None else BaseMask()
+    cats = tuple(Category.parse(c) for c in categories)
+    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    key = None
+    if base.is_analytic:
+        key = (layout.key, cats, block, base.causal, base.sliding_window,
+               _digest(base.key_padding), _digest(base.bidirectional_groups))
+        hit = _CACHE.get(key)
+        if hit is not None:
+            _CACHE.move_to_end(key)
+            count("block_masks_reused")
+            return hit
+    count("block_masks_built")
+    B, H, S = layout.batch_size, len(cats), layout.seq_len
+    head_index = torch.tensor([int(c) for c in cats])
+    if base.is_analytic:
+        counts = pair_counts(layout, cats, base, block)
+        per_cat = torch.zeros(len(Category), B, -(-S // block[0]), -(-S // block[1]), dtype=torch.int64)
+        for c, t in counts.items():
+            per_cat[int(c)] = t
+        tiles = per_cat[head_index].transpose(0, 1)  # [B, H, nq, nk]
+        full = tiles == block[0] * block[1]
+        partial = (tiles > 0) & ~full
+    else:
+        counts = pair_counts(layout, cats, BaseMask(causal=False), block)
+        cat_tiles = torch.stack([counts[c] for c in cats], dim=1)
+        t_any, t_all = _tensor_tiles(base.tensor.cpu(), B, H, block)
+        full = (cat_tiles == block[0] * block[1]) & t_all
+        partial = (cat_tiles > 0) & t_any & ~full
+    device = layout.image.device
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    mask_mod = generate_blindsight_mask_mod(layout, head_index.to(device), base)
+    bm = BlockMask.from_kv_blocks(
+        kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
+        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(S, S),
+    )
+    if key is not None:
+        _CACHE[key] = bm
+        while len(_CACHE) > _CACHE_SIZE:
+            _CACHE.popitem(last=False)
+    return bm
+
+
+def _digest(t: torch.Tensor | None):
+    if t is None:
+        return None
+    return (tuple(t.shape), hashlib.blake2b(t.cpu().numpy().tobytes(), digest_size=16).hexdigest())
+
+
+def clear_block_mask_cache() -> None:
+    _CACHE.clear()
