@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import create_block_mask, create_mask, flex_attention
 
-from blindsight import Category
+from blindsight import Category, stats
 from blindsight.masks import (
     BaseMask,
     build_block_mask,
@@ -33,7 +33,7 @@ def test_mask_mod_equals_reference(data):
     cats = data.draw(st.lists(categories_st, min_size=1, max_size=6))
     base = data.draw(base_masks(layout, am, len(cats)))
     B, S = layout.image.shape
-    got = create_mask(generate_blindsight_mask_mod(layout, head_tensor(cats), base), B, len(cats), S, S, "cpu")
+    got = create_mask(generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base), B, len(cats), S, S, "cpu")
     assert torch.equal(got, reference_mask(layout, cats, base))
 
 
@@ -44,7 +44,7 @@ def test_single_category_mask_mods_equal_reference(data):
     ids, am, template, layout = data.draw(layouts())
     cat = data.draw(categories_st)
     B, S = layout.image.shape
-    got = create_mask(generate_category_mask_mod(layout, cat), B, 1, S, S, "cpu")
+    got = create_mask(generate_category_mask_mod(layout.image, layout.sink, cat), B, 1, S, S, "cpu")
     assert torch.equal(got, reference_mask(layout, [cat], BaseMask(causal=False)))
 
 
@@ -67,7 +67,9 @@ def test_layout_block_mask_equals_create_block_mask(data):
     for name in BLOCK_FIELDS:
         assert torch.equal(getattr(ours, name), getattr(ref, name)), name
     assert ours.seq_lengths == ref.seq_lengths
-    assert build_block_mask(layout, cats, base, block_size=block) is ours  # cached per layout
+    before = stats().get("block_masks_reused", 0)
+    again = build_block_mask(layout, cats, base, block_size=block)  # tiles cached per layout
+    assert stats().get("block_masks_reused", 0) == before + 1 and torch.equal(again.kv_indices, ours.kv_indices)
 
 
 @settings(max_examples=60)
@@ -107,7 +109,7 @@ def test_text_query_rows_equal_base(data):
     cats = data.draw(st.lists(categories_st, min_size=1, max_size=6))
     base = data.draw(base_masks(layout, am, len(cats)))
     B, S = layout.image.shape
-    got = create_mask(generate_blindsight_mask_mod(layout, head_tensor(cats), base), B, len(cats), S, S, "cpu")
+    got = create_mask(generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base), B, len(cats), S, S, "cpu")
     want = reference_base_mask(base, B, S).expand_as(got)
     text_q = (layout.image < 0)[:, None, :, None].expand_as(got)
     assert torch.equal(got[text_q], want[text_q])

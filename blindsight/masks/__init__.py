@@ -1,6 +1,6 @@
 """Masks: category and base mask_mods, dense references, and layout-built BlockMasks."""
 
-from .block import build_block_mask, clear_block_mask_cache, pair_counts
+from .block import assemble_block_mask, build_block_mask, category_tiles, clear_block_mask_cache, pair_counts
 from .mask_mods import (
     BaseMask,
     generate_bidirectional_mask_mod,

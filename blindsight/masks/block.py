@@ -23,7 +23,7 @@ from ..profile import Category
 from ..stats import count
 from .mask_mods import BaseMask, generate_blindsight_mask_mod
 
-__all__ = ["pair_counts", "build_block_mask", "clear_block_mask_cache"]
+__all__ = ["pair_counts", "category_tiles", "assemble_block_mask", "build_block_mask", "clear_block_mask_cache"]
 
 _CACHE: OrderedDict = OrderedDict()
 _CACHE_SIZE = 16
@@ -107,7 +107,7 @@ def pair_counts(
     base = base if base is not None else BaseMask()
     if not base.is_analytic:
         raise ValueError("pair_counts needs an analytic base mask (causal/window/padding/bidirectional), not a tensor")
-    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
+    block = _block(block_size)
     cats = sorted({Category.parse(c) for c in categories})
     rows = [_row_pair_counts(layout, r, cats, base, block) for r in range(layout.batch_size)]
     return {c: torch.stack([r[c] for r in rows]) for c in cats}
@@ -122,7 +122,7 @@ def _ordered(dense: torch.Tensor):
     )
 
 
-def _tensor_tiles(mask: torch.Tensor, B: int, H: int, block) -> tuple[torch.Tensor, torch.Tensor]:
+def tensor_tiles(mask: torch.Tensor, B: int, H: int, block) -> tuple[torch.Tensor, torch.Tensor]:
     """(any, all) per tile of a dense bool mask, padded as torch pads (tiles crossing the end are not full)."""
     Q, KV = mask.shape[-2:]
     pad_q, pad_k = -Q % block[0], -KV % block[1]
@@ -130,6 +130,62 @@ def _tensor_tiles(mask: torch.Tensor, B: int, H: int, block) -> tuple[torch.Tens
     m = m.view(B, H, (Q + pad_q) // block[0], block[0], (KV + pad_k) // block[1], block[1])
     sums = m.sum(dim=(3, 5))
     return sums > 0, sums == block[0] * block[1]
+
+
+def category_tiles(layout: Layout, base: BaseMask | None = None, block_size=128) -> tuple[torch.Tensor, torch.Tensor]:
+    """(partial, full) bool ``[4, B, nq, nk]``, indexed by ``Category``: the tiles of base AND category.
+
+    Shared by every layer and head of a category; cached per (layout, base, block size).
+    """
+    base = base if base is not None else BaseMask()
+    block = _block(block_size)
+    key = (layout.key, block, base.causal, base.sliding_window, _digest(base.key_padding), _digest(base.bidirectional_groups))
+    hit = _CACHE.get(key)
+    if hit is not None:
+        _CACHE.move_to_end(key)
+        count("block_masks_reused")
+        return hit
+    count("block_masks_built")
+    counts = pair_counts(layout, list(Category), base, block)
+    tiles = torch.stack([counts[c] for c in Category])
+    full = tiles == block[0] * block[1]
+    device = layout.image.device
+    out = (((tiles > 0) & ~full).to(device), full.to(device))
+    _CACHE[key] = out
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return out
+
+
+def assemble_block_mask(
+    partial_c: torch.Tensor,
+    full_c: torch.Tensor,
+    head_index: torch.Tensor,
+    mask_mod,
+    seq_len: int,
+    block: tuple[int, int],
+    allowed: torch.Tensor | None = None,
+) -> BlockMask:
+    """A BlockMask for query heads ``head_index`` (Category values) from per-category tiles.
+
+    ``allowed``: a bool base mask ``[B|1, H|1, S, S]`` whose tiles are intersected with category tiles computed
+    without a base: full only where both are full, computed wherever both have something (a tile whose
+    intersection is empty may be kept as partial; the mask_mod keeps the result exact). Traceable: the
+    compiler pass calls it inside the graph.
+    """
+    partial = partial_c[head_index].transpose(0, 1)  # [B, H, nq, nk]
+    full = full_c[head_index].transpose(0, 1)
+    if allowed is not None:
+        B, H = partial.shape[:2]
+        t_any, t_all = tensor_tiles(allowed, B, H, block)
+        some = (partial | full) & t_any
+        full = full & t_all
+        partial = some & ~full
+    kv_num, kv_idx = _ordered(partial)
+    full_num, full_idx = _ordered(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len)
+    )
 
 
 def build_block_mask(
@@ -140,54 +196,23 @@ def build_block_mask(
 ) -> BlockMask:
     """The BlockMask (H = ``len(categories)`` query heads) of base AND each head's category.
 
-    With an analytic base it equals ``create_block_mask(generate_blindsight_mask_mod(...))`` exactly and is
-    cached per (layout, categories, base, block size). With a tensor base, tile emptiness/fullness of the
-    tensor and of the categories are combined: a tile is full only when both are full and skipped only
-    when either is empty, so a few tiles may be partial that torch would call empty (never the reverse;
-    the mask_mod keeps the result exact).
+    With an analytic base it equals ``create_block_mask(generate_blindsight_mask_mod(...))`` exactly. With a
+    tensor base, see :func:`assemble_block_mask`: a few tiles may be partial that torch would skip, never
+    the reverse. Tiles come from :func:`category_tiles` (cached per layout).
     """
     base = base if base is not None else BaseMask()
-    cats = tuple(Category.parse(c) for c in categories)
-    block = (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-    key = None
-    if base.is_analytic:
-        key = (layout.key, cats, block, base.causal, base.sliding_window,
-               _digest(base.key_padding), _digest(base.bidirectional_groups))
-        hit = _CACHE.get(key)
-        if hit is not None:
-            _CACHE.move_to_end(key)
-            count("block_masks_reused")
-            return hit
-    count("block_masks_built")
-    B, H, S = layout.batch_size, len(cats), layout.seq_len
-    head_index = torch.tensor([int(c) for c in cats])
-    if base.is_analytic:
-        counts = pair_counts(layout, cats, base, block)
-        per_cat = torch.zeros(len(Category), B, -(-S // block[0]), -(-S // block[1]), dtype=torch.int64)
-        for c, t in counts.items():
-            per_cat[int(c)] = t
-        tiles = per_cat[head_index].transpose(0, 1)  # [B, H, nq, nk]
-        full = tiles == block[0] * block[1]
-        partial = (tiles > 0) & ~full
-    else:
-        counts = pair_counts(layout, cats, BaseMask(causal=False), block)
-        cat_tiles = torch.stack([counts[c] for c in cats], dim=1)
-        t_any, t_all = _tensor_tiles(base.tensor.cpu(), B, H, block)
-        full = (cat_tiles == block[0] * block[1]) & t_all
-        partial = (cat_tiles > 0) & t_any & ~full
+    block = _block(block_size)
     device = layout.image.device
-    kv_num, kv_idx = _ordered(partial)
-    full_num, full_idx = _ordered(full)
-    mask_mod = generate_blindsight_mask_mod(layout, head_index.to(device), base)
-    bm = BlockMask.from_kv_blocks(
-        kv_num.to(device), kv_idx.to(device), full_num.to(device), full_idx.to(device),
-        BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(S, S),
-    )
-    if key is not None:
-        _CACHE[key] = bm
-        while len(_CACHE) > _CACHE_SIZE:
-            _CACHE.popitem(last=False)
-    return bm
+    head_index = torch.tensor([int(Category.parse(c)) for c in categories], device=device)
+    tiles_base = base if base.is_analytic else BaseMask(causal=False)
+    partial_c, full_c = category_tiles(layout, tiles_base, block)
+    mask_mod = generate_blindsight_mask_mod(layout.image, layout.sink, head_index, base)
+    allowed = None if base.is_analytic else base.tensor.to(device)
+    return assemble_block_mask(partial_c, full_c, head_index, mask_mod, layout.seq_len, block, allowed)
+
+
+def _block(block_size) -> tuple[int, int]:
+    return (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
 
 
 def _digest(t: torch.Tensor | None):

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
-from ..layout import Layout
 from ..profile import Category
 
 __all__ = [
@@ -68,28 +67,26 @@ def generate_diagonal_mask_mod():
     return diagonal
 
 
-def generate_category_mask_mod(layout: Layout, category: Category | str):
-    """The mask of one category (without the base mask)."""
+def generate_category_mask_mod(image: torch.Tensor, sink: torch.Tensor, category: Category | str):
+    """The mask of one category (without the base mask); ``image``/``sink`` as in :class:`Layout`."""
     category = Category.parse(category)
     if category == Category.DENSE:
         return _named(lambda b, h, q_idx, kv_idx: q_idx >= 0, "dense")
-    text = generate_text_pair_mask_mod(layout.image)
+    text = generate_text_pair_mask_mod(image)
     parts = {
-        Category.INTRA_SINK: (generate_same_image_mask_mod(layout.image), generate_sink_key_mask_mod(layout.sink)),
-        Category.INTRA: (generate_same_image_mask_mod(layout.image),),
-        Category.SINK: (generate_sink_key_mask_mod(layout.sink), generate_diagonal_mask_mod()),
+        Category.INTRA_SINK: (generate_same_image_mask_mod(image), generate_sink_key_mask_mod(sink)),
+        Category.INTRA: (generate_same_image_mask_mod(image),),
+        Category.SINK: (generate_sink_key_mask_mod(sink), generate_diagonal_mask_mod()),
     }[category]
     return _named(or_masks(text, *parts), category.json_name)
 
 
-def generate_head_category_mask_mod(layout: Layout, head_categories: torch.Tensor):
+def generate_head_category_mask_mod(image: torch.Tensor, sink: torch.Tensor, head_categories: torch.Tensor):
     """Per-head category: head h uses ``Category(head_categories[h])``; for a BlockMask with H = query heads.
 
     One flat expression (the table of DESIGN.md §2) rather than a select over the per-category closures:
     Dynamo traces it in one piece and Inductor fuses it into the kernel.
     """
-    image, sink = layout.image, layout.sink
-
     def head_category(b, h, q_idx, kv_idx):
         cat = head_categories[h]
         qi, ki = image[b, q_idx], image[b, kv_idx]
@@ -214,8 +211,7 @@ class BaseMask:
         return _named(and_masks(*parts), "base")
 
 
-def generate_blindsight_mask_mod(layout: Layout, head_categories: torch.Tensor, base: BaseMask):
-    """base AND per-head category: the complete mask of one attention call."""
-    H = int(head_categories.numel())
-    mod = and_masks(base.mask_mod(layout.batch_size, H), generate_head_category_mask_mod(layout, head_categories))
+def generate_blindsight_mask_mod(image: torch.Tensor, sink: torch.Tensor, head_categories: torch.Tensor, base: BaseMask):
+    """base AND per-head category: the complete mask of one attention call (``image``/``sink``: ``[B, S]``)."""
+    mod = and_masks(base.mask_mod(image.shape[0], head_categories.shape[0]), generate_head_category_mask_mod(image, sink, head_categories))
     return _named(mod, "blindsight")
