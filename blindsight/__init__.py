@@ -6,3 +6,4 @@ from .layout import Layout, LayoutError, Template, input_ids_from_spec, parse_la
 from .masks import BaseMask, build_block_mask, reference_mask
 from .profile import Category, ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
 from .stats import reset_stats, stats
+from .backend import BackendOptions, UnsupportedAttentionError, blindsight_backend, use_layout

@@ -1,0 +1,410 @@
+"""The compiler pass: ``torch.compile(model, backend=blindsight_backend(profile))`` (DESIGN.md §5).
+
+For every Dynamo graph:
+1. ``find_sites`` finds the ``scaled_dot_product_attention`` calls of the language model's decoder layers
+   (layer index from ``node.meta["nn_module_stack"]``; vision-tower attention and anything it cannot handle
+   stay untouched, with the reason counted).
+2. ``rewrite_sites`` rewrites a copy of the graph: each site becomes ``blindsight_sdpa`` (FlexAttention with
+   a BlockMask whose H dimension carries the layer's per-head categories), fed by new graph inputs that carry
+   the layout and the per-category tiles of the current prompt.
+3. At run time ``GraphRunner`` finds the prompt's layout (``use_layout`` context, else an ``input_ids`` input
+   of this graph, else the ``input_ids`` last seen by a graph of this backend) and runs the sparse graph, or
+   the original graph (dense) when the call cannot be sparse: decode, no images, no usable layout. Both are
+   compiled with Inductor; the sparse one at its first sparse call, outside Dynamo's tracing (its new inputs
+   have no Dynamo source).
+
+Shapes: the sparse graph needs static sizes. A graph that Dynamo hands over with symbolic sizes (automatic
+dynamic shapes after a length change) runs dense, counted as ``fallback.dynamic_shapes``; compile with
+``dynamic=False`` to get one sparse graph per prompt length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import copy
+import re
+import threading
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx
+from torch.nn.attention.flex_attention import flex_attention
+
+from .layout import Layout, LayoutError, Template
+from .masks import BaseMask, assemble_block_mask, category_tiles, generate_blindsight_mask_mod
+from .profile import Category, Profile, ProfileMismatchError
+from .stats import count
+
+__all__ = ["blindsight_backend", "BackendOptions", "use_layout", "UnsupportedAttentionError", "find_sites"]
+
+SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
+_LAYER = re.compile(r"(?:^|\.)layers[.\[](\d+)\]?\.self_attn$")
+_VISION = re.compile(r"vision|visual", re.IGNORECASE)
+
+
+class UnsupportedAttentionError(RuntimeError):
+    """The language model's attention does not go through scaled_dot_product_attention."""
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Options of :func:`blindsight_backend`.
+
+    - ``template``: how images are marked in ``input_ids``; default: the profile's model template.
+    - ``block_size``: FlexAttention tile size (query and key).
+    - ``warn_on_fallback``: warn once per reason when a call runs dense.
+    """
+
+    template: Template | None = None
+    block_size: int = 128
+    warn_on_fallback: bool = False
+
+    def __post_init__(self):
+        if self.template is not None and not isinstance(self.template, Template):
+            raise TypeError(f"BackendOptions.template must be a blindsight.Template, got {type(self.template).__name__}")
+        if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"BackendOptions.block_size must be a power of two >= 16, got {self.block_size!r}")
+
+
+# ---- layout at run time ------------------------------------------------------------------------------
+_ACTIVE_LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("blindsight_layout", default=None)
+_RECORDED = threading.local()  # the input_ids (and 2-D attention_mask) last seen by a graph of a backend
+
+
+@contextlib.contextmanager
+def use_layout(layout: Layout):
+    """Use this layout for every BlindSight attention call inside the block (e.g. a model fed ``inputs_embeds``)."""
+    token = _ACTIVE_LAYOUT.set(layout)
+    try:
+        yield layout
+    finally:
+        _ACTIVE_LAYOUT.reset(token)
+
+
+# ---- site discovery ----------------------------------------------------------------------------------
+@dataclass
+class Site:
+    node: torch.fx.Node
+    layer: int
+    q_len: int
+    kv_len: int
+    batch: int
+    mask_kind: str  # "causal", "none", "bool", "additive"
+    scale: float | None
+    enable_gqa: bool
+
+
+@dataclass
+class SiteScan:
+    sites: list[Site] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)  # reason -> number of SDPA nodes left alone
+    static_fallback: Counter = field(default_factory=Counter)  # reason -> LM sites that can never be sparse
+
+
+def _module_path(node: torch.fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['self'\]\.?", "", path)
+    path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
+    return re.sub(r"\[(\d+)\]", r".\1", path)
+
+
+def _sdpa_args(node: torch.fx.Node) -> dict:
+    names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
+    out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+    out.update(dict(zip(names, node.args)))
+    out.update(node.kwargs)
+    return out
+
+
+def _val(node):
+    """The fake value of a node: Dynamo's graphs carry ``example_value``, traced ones ``val``."""
+    return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
+
+
+def _static(*sizes) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+def find_sites(gm: torch.fx.GraphModule, profile: Profile) -> SiteScan:
+    """Language-model SDPA calls of a graph, checked against the profile; everything else counted by reason."""
+    scan = SiteScan()
+    lm_attention_modules = set()
+    for node in gm.graph.nodes:
+        path = _module_path(node)
+        m = _LAYER.search(path) if path and not _VISION.search(path) else None
+        if m and node.op == "call_function":
+            lm_attention_modules.add(path)
+        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+            continue
+        if not m:
+            scan.skipped["not_language_model"] += 1
+            continue
+        a = _sdpa_args(node)
+        q, k, mask = _val(a["query"]), _val(a["key"]), a["attn_mask"]
+        B, H, S, D = q.shape
+        _check_profile(profile, int(m.group(1)), q, k, a["enable_gqa"])
+        if a["dropout_p"] not in (0, 0.0):
+            scan.skipped["dropout"] += 1
+            continue
+        mval = _val(mask)
+        if mask is not None and mval is None:
+            scan.skipped["unknown_mask"] += 1
+            continue
+        if not _static(B, S, k.shape[-2], *(mval.shape if mval is not None else ())):
+            scan.static_fallback["dynamic_shapes"] += 1
+            continue
+        if S == 1:
+            scan.static_fallback["decode"] += 1
+            continue
+        if S != k.shape[-2]:
+            scan.static_fallback["not_self_attention"] += 1
+            continue
+        if mval is None:
+            kind = "causal" if a["is_causal"] else "none"
+        elif a["is_causal"]:
+            scan.skipped["mask_and_is_causal"] += 1
+            continue
+        else:
+            kind = "bool" if mval.dtype == torch.bool else "additive"
+        scale = a["scale"]
+        scan.sites.append(Site(node, int(m.group(1)), S, k.shape[-2], B, kind, scale, bool(a["enable_gqa"])))
+    sdpa_modules = {_module_path(s.node) for s in scan.sites}
+    if lm_attention_modules and not sdpa_modules and not scan.static_fallback and not scan.skipped:
+        raise UnsupportedAttentionError(
+            f"the language model's attention ({sorted(lm_attention_modules)[0]}, ...) does not call "
+            "scaled_dot_product_attention, so BlindSight cannot rewrite it. Load the model with "
+            'attn_implementation="sdpa" (e.g. from_pretrained(..., attn_implementation="sdpa")).'
+        )
+    return scan
+
+
+def _check_profile(profile: Profile, layer: int, q, k, enable_gqa) -> None:
+    info = profile.model
+    problems = []
+    if layer >= info.num_layers:
+        problems.append(f"the model has a decoder layer {layer}, the profile only {info.num_layers} layers")
+    if q.shape[1] != info.num_heads:
+        problems.append(f"num_heads: profile has {info.num_heads}, model has {q.shape[1]}")
+    if q.shape[-1] != info.head_dim:
+        problems.append(f"head_dim: profile has {info.head_dim}, model has {q.shape[-1]}")
+    if k.shape[1] != q.shape[1] and k.shape[1] != info.num_kv_heads:
+        problems.append(f"num_kv_heads: profile has {info.num_kv_heads}, model has {k.shape[1]}")
+    if problems:
+        raise ProfileMismatchError(
+            f"profile for {info.model_type!r} does not fit this model: " + "; ".join(problems)
+            + ". Calibrate this model (blindsight calibrate) or load its own profile."
+        )
+
+
+# ---- the rewrite -------------------------------------------------------------------------------------
+@torch.library.custom_op("blindsight::materialize", mutates_args=())
+def materialize(x: torch.Tensor) -> torch.Tensor:
+    """A copy that Inductor cannot fuse away.
+
+    Inductor's CPU flex kernel (torch 2.13) takes the buffers a mask_mod/score_mod captures by name before
+    it realizes them, and fails ("NotImplementedError: Pointwise") when one is an unrealized computation of
+    the graph, such as the mask transformers builds in-graph or a constant. A custom op is an extern
+    kernel, so its output is always a real buffer.
+    """
+    return x.clone()
+
+
+@materialize.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def blindsight_sdpa(q, k, v, attn_mask, image, sink, partial_c, full_c, *, heads, scale, is_causal, block):
+    """FlexAttention equivalent of ``sdpa(q, k, v, attn_mask, is_causal=..., scale=...)`` AND the heads' categories.
+
+    Traced into the rewritten graph (Inductor fuses mask_mod and score_mod into its flex kernel).
+    ``partial_c``/``full_c``: per-category tiles ``[4, B, nq, nk]`` of the layout, with a causal base when
+    ``is_causal`` and no base when the call has a mask (its tiles are intersected here).
+    """
+    head_index = materialize(torch.tensor(heads, dtype=torch.int64, device=q.device))
+    score_mod = None
+    if attn_mask is None:
+        base, allowed = (BaseMask() if is_causal else BaseMask(causal=False)), None
+    elif attn_mask.dtype == torch.bool:
+        allowed = materialize(attn_mask)
+        base = BaseMask.from_tensor(allowed)
+    else:  # additive float mask: -inf entries are masked, the rest is a bias on the scaled scores
+        allowed = materialize(attn_mask != float("-inf"))
+        base = BaseMask.from_tensor(allowed)
+        bias = materialize(attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + bias[b, h, q_idx, kv_idx].to(score.dtype)
+
+    mask_mod = generate_blindsight_mask_mod(image, sink, head_index, base)
+    block_mask = assemble_block_mask(partial_c, full_c, head_index, mask_mod, q.shape[2], block, allowed)
+    return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale,
+                          enable_gqa=q.shape[1] != k.shape[1])
+
+
+_EXTRA_INPUTS = ("image", "sink", "causal_partial", "causal_full", "free_partial", "free_full")
+
+
+def rewrite_sites(gm: torch.fx.GraphModule, scan: SiteScan, profile: Profile, block: int) -> torch.fx.GraphModule:
+    """A copy of ``gm`` whose sites call :func:`blindsight_sdpa`; new inputs (``_EXTRA_INPUTS``) go last."""
+    # Dynamo reads its own placeholders' metadata after the backend returns: work on a copy of the graph.
+    graph = copy.deepcopy(gm.graph)
+    new_gm = torch.fx.GraphModule(gm, graph)
+    index = {n.name: n for n in graph.nodes}
+    last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1]
+    extra = {}
+    with graph.inserting_after(last_placeholder):
+        for name in reversed(_EXTRA_INPUTS):
+            extra[name] = graph.placeholder(f"blindsight_{name}")
+    for site in scan.sites:
+        node = index[site.node.name]
+        a = _sdpa_args(node)
+        tiles = ("causal" if site.mask_kind == "causal" else "free")
+        with graph.inserting_before(node):
+            new = graph.call_function(
+                blindsight_sdpa,
+                (a["query"], a["key"], a["value"], a["attn_mask"], extra["image"], extra["sink"],
+                 extra[f"{tiles}_partial"], extra[f"{tiles}_full"]),
+                {"heads": tuple(int(c) for c in profile.layer_categories(site.layer)), "scale": site.scale,
+                 "is_causal": site.mask_kind == "causal", "block": (block, block)},
+            )
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        graph.erase_node(node)
+    graph.lint()
+    new_gm.recompile()
+    return new_gm
+
+
+# ---- run time ----------------------------------------------------------------------------------------
+def _placeholder_index(gm: torch.fx.GraphModule, word: str) -> int | None:
+    """Index of the 2-D integer placeholder whose name contains ``word`` (Dynamo names them after the source)."""
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = _val(n)
+        if word in n.name and isinstance(val, torch.Tensor) and val.dim() == 2 and not val.is_floating_point():
+            return i
+    return None
+
+
+class GraphRunner:
+    """The callable Dynamo gets for one graph: picks sparse or dense per call and counts why."""
+
+    def __init__(self, gm, example_inputs, profile: Profile, options: BackendOptions, template: Template | None):
+        from torch._inductor.compile_fx import compile_fx
+
+        self.profile, self.options, self.template = profile, options, template
+        self.scan = find_sites(gm, profile)
+        self.ids_at = _placeholder_index(gm, "input_ids")
+        self.mask_at = _placeholder_index(gm, "attention_mask")
+        self.dense = compile_fx(gm, example_inputs)
+        self.rewritten = rewrite_sites(gm, self.scan, profile, options.block_size) if self.scan.sites else None
+        self.sparse = None
+        count("sites_found", len(self.scan.sites) + sum(self.scan.static_fallback.values()))
+        count("sites_rewritten", len(self.scan.sites))
+        for reason, n in self.scan.skipped.items():
+            count(f"sites_skipped.{reason}", n)
+
+    def __call__(self, *args):
+        if self.ids_at is not None:
+            _RECORDED.value = (args[self.ids_at], args[self.mask_at] if self.mask_at is not None else None)
+        for reason, n in self.scan.static_fallback.items():
+            self._fallback(reason, n)
+        if not self.scan.sites:
+            return self.dense(*args)
+        layout, reason = self._layout(args)
+        if reason is not None:
+            self._fallback(reason, len(self.scan.sites))
+            return self.dense(*args)
+        extra = self._extra_inputs(layout)
+        if self.sparse is None:
+            from torch._inductor.compile_fx import compile_fx
+
+            count("sparse_compiles")
+            self.sparse = compile_fx(self.rewritten, list(args) + extra)
+        count("sparse_calls", len(self.scan.sites))
+        return self.sparse(*args, *extra)
+
+    def _fallback(self, reason: str, n: int) -> None:
+        count(f"fallback.{reason}", n)
+        if self.options.warn_on_fallback:
+            warnings.warn(f"BlindSight: {n} attention call(s) ran dense: {reason}", stacklevel=3)
+
+    def _layout(self, args) -> tuple[Layout | None, str | None]:
+        site = self.scan.sites[0]
+        layout = _ACTIVE_LAYOUT.get()
+        if layout is None:
+            if self.template is None:
+                return None, "no_template"
+            if self.ids_at is not None:
+                ids, mask = args[self.ids_at], args[self.mask_at] if self.mask_at is not None else None
+            else:
+                ids, mask = getattr(_RECORDED, "value", (None, None))
+            if ids is None:
+                return None, "no_layout"
+            if mask is not None and mask.shape != ids.shape:
+                mask = None
+            try:
+                layout = _layout_of(ids, mask, self.template)
+            except LayoutError as e:
+                count("malformed_prompts")
+                if self.options.warn_on_fallback:
+                    warnings.warn(f"BlindSight: malformed prompt, running dense: {e}", stacklevel=3)
+                return None, "malformed_prompt"
+        if layout.seq_len != site.q_len or layout.batch_size != site.batch:
+            return None, "layout_mismatch"
+        if not layout.has_images:
+            return None, "no_images"
+        return layout, None
+
+    def _extra_inputs(self, layout: Layout) -> list[torch.Tensor]:
+        block = self.options.block_size
+        kinds = {s.mask_kind for s in self.scan.sites}
+        device = _val(self.scan.sites[0].node).device
+        layout = layout.to(device)
+        empty = torch.zeros(0, dtype=torch.bool, device=device)
+        causal = category_tiles(layout, BaseMask(), block) if "causal" in kinds else (empty, empty)
+        free = category_tiles(layout, BaseMask(causal=False), block) if kinds - {"causal"} else (empty, empty)
+        return [layout.image, layout.sink, *causal, *free]
+
+
+_LAYOUT_MEMO: dict = {}
+
+
+def _layout_of(ids: torch.Tensor, mask, template: Template) -> Layout:
+    """Layout of these ids, memoized on the tensors' identity and version (every graph of a forward asks)."""
+    key = (ids.data_ptr(), tuple(ids.shape), ids._version, template,
+           None if mask is None else (mask.data_ptr(), mask._version))
+    hit = _LAYOUT_MEMO.get(key)
+    if hit is not None and torch.equal(hit[0], ids):
+        return hit[1]
+    layout = Layout.from_input_ids(ids, template, mask)
+    _LAYOUT_MEMO.clear()
+    _LAYOUT_MEMO[key] = (ids.clone(), layout)
+    return layout
+
+
+def blindsight_backend(profile: Profile, **options):
+    """A Dynamo backend: ``torch.compile(model, backend=blindsight_backend(profile))``.
+
+    ``options``: see :class:`BackendOptions`. The profile is checked against the model when the first
+    language-model attention call is seen (:class:`ProfileMismatchError`).
+    """
+    if not isinstance(profile, Profile):
+        raise TypeError(f"blindsight_backend needs a blindsight.Profile, got {type(profile).__name__}")
+    opts = BackendOptions(**options)
+    template = opts.template
+    if template is None and profile.model.template is not None:
+        template = Template.from_dict(profile.model.template)
+
+    def backend(gm: torch.fx.GraphModule, example_inputs):
+        count("graphs_compiled")
+        return GraphRunner(gm, example_inputs, profile, opts, template)
+
+    backend.__name__ = "blindsight_backend"
+    return backend
