@@ -55,12 +55,15 @@ class BackendOptions:
 
     - ``template``: how images are marked in ``input_ids``; default: the profile's model template.
     - ``block_size``: FlexAttention tile size (query and key).
-    - ``warn_on_fallback``: warn once per reason when a call runs dense.
+    - ``warn_on_fallback``: warn when a call runs dense.
+    - ``compile_dense``: compile graphs and calls that stay dense with Inductor (default), or run them as
+      traced (``False``: faster start-up, e.g. in tests; the sparse graph is always compiled by Inductor).
     """
 
     template: Template | None = None
     block_size: int = 128
     warn_on_fallback: bool = False
+    compile_dense: bool = True
 
     def __post_init__(self):
         if self.template is not None and not isinstance(self.template, Template):
@@ -71,7 +74,6 @@ class BackendOptions:
 
 # ---- layout at run time ------------------------------------------------------------------------------
 _ACTIVE_LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("blindsight_layout", default=None)
-_RECORDED = threading.local()  # the input_ids (and 2-D attention_mask) last seen by a graph of a backend
 
 
 @contextlib.contextmanager
@@ -295,14 +297,15 @@ def _placeholder_index(gm: torch.fx.GraphModule, word: str) -> int | None:
 class GraphRunner:
     """The callable Dynamo gets for one graph: picks sparse or dense per call and counts why."""
 
-    def __init__(self, gm, example_inputs, profile: Profile, options: BackendOptions, template: Template | None):
+    def __init__(self, gm, example_inputs, backend: "BlindSightBackend"):
         from torch._inductor.compile_fx import compile_fx
 
-        self.profile, self.options, self.template = profile, options, template
+        profile, options = backend.profile, backend.options
+        self.backend, self.options = backend, options
         self.scan = find_sites(gm, profile)
         self.ids_at = _placeholder_index(gm, "input_ids")
         self.mask_at = _placeholder_index(gm, "attention_mask")
-        self.dense = compile_fx(gm, example_inputs)
+        self.dense = compile_fx(gm, example_inputs) if options.compile_dense else gm.forward
         self.rewritten = rewrite_sites(gm, self.scan, profile, options.block_size) if self.scan.sites else None
         self.sparse = None
         count("sites_found", len(self.scan.sites) + sum(self.scan.static_fallback.values()))
@@ -312,7 +315,7 @@ class GraphRunner:
 
     def __call__(self, *args):
         if self.ids_at is not None:
-            _RECORDED.value = (args[self.ids_at], args[self.mask_at] if self.mask_at is not None else None)
+            self.backend.recorded.value = (args[self.ids_at], args[self.mask_at] if self.mask_at is not None else None)
         for reason, n in self.scan.static_fallback.items():
             self._fallback(reason, n)
         if not self.scan.sites:
@@ -326,7 +329,10 @@ class GraphRunner:
             from torch._inductor.compile_fx import compile_fx
 
             count("sparse_compiles")
-            self.sparse = compile_fx(self.rewritten, list(args) + extra)
+            with warnings.catch_warnings():
+                # printed while Inductor traces the rewritten graph; the generated kernel is the fused one
+                warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+                self.sparse = compile_fx(self.rewritten, list(args) + extra)
         count("sparse_calls", len(self.scan.sites))
         return self.sparse(*args, *extra)
 
@@ -339,18 +345,19 @@ class GraphRunner:
         site = self.scan.sites[0]
         layout = _ACTIVE_LAYOUT.get()
         if layout is None:
-            if self.template is None:
+            template = self.backend.template
+            if template is None:
                 return None, "no_template"
             if self.ids_at is not None:
                 ids, mask = args[self.ids_at], args[self.mask_at] if self.mask_at is not None else None
             else:
-                ids, mask = getattr(_RECORDED, "value", (None, None))
+                ids, mask = getattr(self.backend.recorded, "value", (None, None))
             if ids is None:
                 return None, "no_layout"
             if mask is not None and mask.shape != ids.shape:
                 mask = None
             try:
-                layout = _layout_of(ids, mask, self.template)
+                layout = _layout_of(ids, mask, template)
             except LayoutError as e:
                 count("malformed_prompts")
                 if self.options.warn_on_fallback:
@@ -389,7 +396,30 @@ def _layout_of(ids: torch.Tensor, mask, template: Template) -> Layout:
     return layout
 
 
-def blindsight_backend(profile: Profile, **options):
+class BlindSightBackend:
+    """The Dynamo backend object :func:`blindsight_backend` returns; one per ``torch.compile`` call.
+
+    It remembers the ``input_ids`` (and 2-D ``attention_mask``) last seen by one of its graphs, per thread,
+    for later graphs of the same forward that see only ``inputs_embeds`` (Qwen2-VL's language model). A
+    remembered layout is used only when its batch size and length match the attention call. Graphs of
+    another ``torch.compile`` call never share it; to be explicit, use :func:`use_layout`.
+    """
+
+    __name__ = "blindsight_backend"
+
+    def __init__(self, profile: Profile, options: BackendOptions):
+        self.profile, self.options = profile, options
+        self.template = options.template
+        if self.template is None and profile.model.template is not None:
+            self.template = Template.from_dict(profile.model.template)
+        self.recorded = threading.local()
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs):
+        count("graphs_compiled")
+        return GraphRunner(gm, example_inputs, self)
+
+
+def blindsight_backend(profile: Profile, **options) -> BlindSightBackend:
     """A Dynamo backend: ``torch.compile(model, backend=blindsight_backend(profile))``.
 
     ``options``: see :class:`BackendOptions`. The profile is checked against the model when the first
@@ -397,14 +427,4 @@ def blindsight_backend(profile: Profile, **options):
     """
     if not isinstance(profile, Profile):
         raise TypeError(f"blindsight_backend needs a blindsight.Profile, got {type(profile).__name__}")
-    opts = BackendOptions(**options)
-    template = opts.template
-    if template is None and profile.model.template is not None:
-        template = Template.from_dict(profile.model.template)
-
-    def backend(gm: torch.fx.GraphModule, example_inputs):
-        count("graphs_compiled")
-        return GraphRunner(gm, example_inputs, profile, opts, template)
-
-    backend.__name__ = "blindsight_backend"
-    return backend
+    return BlindSightBackend(profile, BackendOptions(**options))

@@ -1,0 +1,200 @@
+"""The compiler pass on tiny Qwen2-VL, Qwen2.5-VL and Gemma-3 full forwards, against an eager reference."""
+
+import random
+
+import pytest
+import torch
+
+import blindsight
+from blindsight import Category, ModelInfo, Profile, ProfileMismatchError, blindsight_backend, use_layout
+from tiny_models import batch, build, layout_of, prompt, reference_attention
+
+MODELS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
+QWEN_A = ([(4, 4), (4, 6), (6, 8), (2, 4)], [3, 2, 5, 1, 4])  # 4 images of 4, 6, 12, 2 placeholders
+QWEN_A2 = ([(2, 4), (6, 8), (4, 4), (4, 6)], [1, 5, 4, 3, 2])  # same length, images elsewhere
+QWEN_B = ([(4, 4), (2, 4), (4, 4)], [2, 1, 1, 3])
+GEMMA_A = ([0] * 4, [3, 2, 5, 1, 4])
+GEMMA_A2 = ([0] * 4, [1, 5, 4, 3, 2])
+GEMMA_B = ([0] * 3, [2, 1, 1, 3])
+
+
+def prompts(name, which):
+    table = {"A": (QWEN_A, GEMMA_A), "A2": (QWEN_A2, GEMMA_A2), "B": (QWEN_B, GEMMA_B)}[which]
+    images, texts = table[1] if name == "gemma3" else table[0]
+    return prompt(name, images, texts, seed=len(which))
+
+
+def inputs(name, batch_size):
+    if batch_size == 1:
+        return prompts(name, "A")
+    return batch(name, [prompts(name, "A"), prompts(name, "B")])
+
+
+def mixed_profile(model, seed=0):
+    """Every layer gets every category, in a random head order."""
+    rng = random.Random(seed)
+    info = ModelInfo.from_config(model)
+    layers = []
+    for _ in range(info.num_layers):
+        heads = [Category(i % 4) for i in range(info.num_heads)]
+        rng.shuffle(heads)
+        layers.append(heads)
+    return Profile.from_categories(layers, model)
+
+
+@pytest.fixture(scope="session")
+def compiled():
+    """One tiny model and its BlindSight-compiled twin per (model, batch size), compiled once per session."""
+    cache = {}
+
+    def get(name, batch_size):
+        if (name, batch_size) not in cache:
+            model = build(name)
+            profile = mixed_profile(model)
+            backend = blindsight_backend(profile, compile_dense=False)
+            cache[name, batch_size] = (model, torch.compile(model, backend=backend, dynamic=False), profile)
+        return cache[name, batch_size]
+
+    return get
+
+
+def logits(model, inp):
+    with torch.no_grad():
+        return model(**inp).logits
+
+
+def real(inp):
+    return inp["attention_mask"].bool()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+@pytest.mark.parametrize("name", MODELS)
+def test_sparse_logits_equal_eager_reference(compiled, name, batch_size):
+    """Test 2: random per-head categories; compiled BlindSight == eager model with DESIGN §2 masks."""
+    model, cmodel, profile = compiled(name, batch_size)
+    inp = inputs(name, batch_size)
+    blindsight.reset_stats()
+    out = logits(cmodel, inp)
+    s = blindsight.stats()
+    assert s.get("sparse_calls") == 2 and not any(k.startswith("fallback") for k in s), s
+    with reference_attention(model, layout_of(model, inp), profile):
+        ref = logits(model, inp)
+    dense = logits(model, inp)
+    m = real(inp)
+    torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
+    assert (out[m] - dense[m]).abs().max() > 1e-3  # the masks changed the result: the test is not vacuous
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_same_length_new_arrangement_reuses_the_sparse_graph(compiled, name):
+    """Test 5: another image arrangement of the same length: exact, and no new sparse compilation."""
+    model, cmodel, profile = compiled(name, 1)
+    logits(cmodel, inputs(name, 1))  # compiled already, or now
+    blindsight.reset_stats()
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    inp = prompts(name, "A2")
+    assert inp["input_ids"].shape == inputs(name, 1)["input_ids"].shape
+    out = logits(cmodel, inp)
+    s = blindsight.stats()
+    assert "sparse_compiles" not in s and s.get("sparse_calls") == 2, s
+    if name == "gemma3":  # one graph per forward, reused as is (Qwen re-specializes small position graphs)
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    with reference_attention(model, layout_of(model, inp), profile):
+        ref = logits(model, inp)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl", "gemma3"])
+def test_no_image_and_malformed_prompts_run_dense(compiled, name):
+    """Test 4: a text-only prompt and one with a stray close delimiter run dense, counted, == eager."""
+    model, cmodel, profile = compiled(name, 1)
+    S = inputs(name, 1)["input_ids"].shape[1]
+    text = prompt(name, [], [S])
+    malformed = prompt(name, [], [S])
+    malformed["input_ids"][0, 5] = 253 if name != "gemma3" else 252  # a close delimiter with no open one
+    for inp, reason in [(text, "fallback.no_images"), (malformed, "fallback.malformed_prompt")]:
+        blindsight.reset_stats()
+        out = logits(cmodel, inp)
+        s = blindsight.stats()
+        assert s.get(reason) == 2 and "sparse_calls" not in s, s
+        torch.testing.assert_close(out, logits(model, inp), atol=1e-5, rtol=1e-5)
+
+
+def test_all_dense_profile_equals_compiled_dense():
+    """Test 1: with an all-DENSE profile BlindSight equals torch.compile's own (Inductor) output."""
+    model = build("qwen2_vl")
+    inp = inputs("qwen2_vl", 1)
+    profile = Profile.uniform("dense", model)
+    blindsight.reset_stats()
+    out = logits(torch.compile(model, backend=blindsight_backend(profile), dynamic=False), inp)
+    s = blindsight.stats()
+    assert s["sites_found"] == s["sites_rewritten"] == s["sparse_calls"] == model.config.text_config.num_hidden_layers
+    assert s["sites_skipped.not_language_model"] >= 1  # the vision tower's attention is left alone
+    torch._dynamo.reset()
+    dense = logits(torch.compile(model, dynamic=False), inp)
+    torch.testing.assert_close(out, dense, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_matches_reference_tokens():
+    """Test 3: greedy generate with a compiled forward gives the reference's tokens; decode runs dense."""
+    model = build("qwen2_vl")
+    profile = mixed_profile(model, seed=1)
+    inp = inputs("qwen2_vl", 1)
+    with reference_attention(model, layout_of(model, inp), profile), torch.no_grad():
+        ref = model.generate(**inp, max_new_tokens=4, do_sample=False)
+    dense = model.generate(**inp, max_new_tokens=4, do_sample=False)
+    model.forward = torch.compile(model.forward, backend=blindsight_backend(profile, compile_dense=False))
+    blindsight.reset_stats()
+    with torch.no_grad():
+        out = model.generate(**inp, max_new_tokens=4, do_sample=False)
+    s = blindsight.stats()
+    assert torch.equal(out, ref), (out, ref, dense)
+    assert s.get("sparse_calls") == 2 and s.get("fallback.decode", 0) >= 2, s
+
+
+def _lm_inputs(model, S, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, S, model.config.text_config.hidden_size, generator=g)
+
+
+def test_use_layout_drives_a_model_fed_inputs_embeds():
+    """The language model alone, fed inputs_embeds: sparse inside use_layout, dense (counted) outside."""
+    model = build("qwen2_vl")
+    lm = model.model.language_model
+    profile = mixed_profile(model)
+    template = blindsight.Template.from_config(model.config)
+    layout = blindsight.Layout.from_spec("text:3,(image:6,text:2)x3,image:5,text:4", template)
+    emb = _lm_inputs(model, layout.seq_len)
+    clm = torch.compile(lm, backend=blindsight_backend(profile, compile_dense=False), dynamic=False)
+    blindsight.reset_stats()
+    with torch.no_grad():
+        dense = clm(inputs_embeds=emb).last_hidden_state
+        with use_layout(layout):
+            out = clm(inputs_embeds=emb).last_hidden_state
+        with use_layout(blindsight.Layout.from_spec("text:3,image:6", template)):
+            clm(inputs_embeds=emb)
+        with reference_attention(lm, layout, profile):
+            ref = lm(inputs_embeds=emb).last_hidden_state
+    s = blindsight.stats()
+    assert s.get("fallback.no_layout") == 2 and s.get("fallback.layout_mismatch") == 2 and s.get("sparse_calls") == 2, s
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense, lm(inputs_embeds=emb).last_hidden_state.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_profile_of_another_shape_raises():
+    """Test 6a: a profile for 8 heads on a 4-head model fails at compile time, saying what differs."""
+    model = build("qwen2_vl")
+    info = ModelInfo("qwen2_vl", num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16)
+    clm = torch.compile(model.model.language_model, backend=blindsight_backend(Profile.uniform("intra", info)))
+    with pytest.raises(Exception, match="num_heads: profile has 8, model has 4") as e:
+        clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert isinstance(e.value, ProfileMismatchError) or isinstance(e.value.__cause__, ProfileMismatchError) \
+        or "ProfileMismatchError" in str(e.value)
+
+
+def test_eager_attention_model_raises_clear_error():
+    """Test 6b: a model whose attention never reaches SDPA gets told to load it with sdpa."""
+    model = build("qwen2_vl", attn_implementation="eager")
+    clm = torch.compile(model.model.language_model, backend=blindsight_backend(mixed_profile(model)))
+    with pytest.raises(Exception, match='attn_implementation="sdpa"'):
+        clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
