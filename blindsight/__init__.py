@@ -7,3 +7,4 @@ from .masks import BaseMask, build_block_mask, reference_mask
 from .profile import Category, ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
 from .stats import reset_stats, stats
 from .backend import BackendOptions, UnsupportedAttentionError, blindsight_backend, use_layout
+from .calibrate import calibrate

@@ -38,7 +38,7 @@ from .masks import BaseMask, assemble_block_mask, category_tiles, generate_blind
 from .profile import Category, Profile, ProfileMismatchError
 from .stats import count
 
-__all__ = ["blindsight_backend", "BackendOptions", "use_layout", "UnsupportedAttentionError", "find_sites"]
+__all__ = ["blindsight_backend", "BackendOptions", "use_layout", "UnsupportedAttentionError", "find_sites", "language_model_sdpa_nodes"]
 
 SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 _LAYER = re.compile(r"(?:^|\.)layers[.\[](\d+)\]?\.self_attn$")
@@ -116,6 +116,16 @@ def _module_path(node: torch.fx.Node) -> str:
     return re.sub(r"\[(\d+)\]", r".\1", path)
 
 
+def language_model_layer(path: str) -> int | None:
+    """Decoder-layer index of a language-model attention module path (``...layers.7.self_attn``), else None.
+
+    Vision modules (any path component mentioning vision/visual) never match. Shared by the compiler pass
+    (Dynamo's ``nn_module_stack`` paths) and calibration (``named_modules`` names).
+    """
+    m = _LAYER.search(path) if path and not _VISION.search(path) else None
+    return int(m.group(1)) if m else None
+
+
 def _sdpa_args(node: torch.fx.Node) -> dict:
     names = ["query", "key", "value", "attn_mask", "dropout_p", "is_causal"]
     out = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
@@ -133,56 +143,77 @@ def _static(*sizes) -> bool:
     return all(isinstance(s, int) for s in sizes)
 
 
-def find_sites(gm: torch.fx.GraphModule, profile: Profile) -> SiteScan:
-    """Language-model SDPA calls of a graph, checked against the profile; everything else counted by reason."""
-    scan = SiteScan()
-    lm_attention_modules = set()
+def language_model_sdpa_nodes(gm: torch.fx.GraphModule) -> tuple[list[tuple[torch.fx.Node, int]], int]:
+    """``([(sdpa node, decoder layer index)], number of other SDPA nodes)`` of a graph.
+
+    A language-model call is one whose innermost module is ``...layers.<i>.self_attn`` outside any vision
+    module. Raises :class:`UnsupportedAttentionError` when the graph runs language-model attention modules
+    but none of them calls SDPA (eager or another attention implementation).
+    """
+    found, others, lm_attention_modules = [], 0, set()
     for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
         path = _module_path(node)
-        m = _LAYER.search(path) if path and not _VISION.search(path) else None
-        if m and node.op == "call_function":
+        layer = language_model_layer(path)
+        if layer is not None:
             lm_attention_modules.add(path)
-        if node.op != "call_function" or node.target not in SDPA_TARGETS:
+        if node.target not in SDPA_TARGETS:
             continue
-        if not m:
-            scan.skipped["not_language_model"] += 1
-            continue
+        if layer is not None:
+            found.append((node, layer))
+        else:
+            others += 1
+    if lm_attention_modules and not found:
+        raise UnsupportedAttentionError(not_sdpa_message(sorted(lm_attention_modules)[0]))
+    return found, others
+
+
+def not_sdpa_message(module: str) -> str:
+    return (
+        f"the language model's attention ({module}, ...) does not call scaled_dot_product_attention, so "
+        'BlindSight cannot use it. Load the model with attn_implementation="sdpa" '
+        '(e.g. from_pretrained(..., attn_implementation="sdpa")).'
+    )
+
+
+def find_sites(gm: torch.fx.GraphModule, profile: Profile) -> SiteScan:
+    """Language-model SDPA calls of a graph that can be sparse, checked against the profile.
+
+    Everything else is counted by reason: left alone (``skipped``) or language-model calls that always run
+    dense in this graph (``static_fallback``: decode, dynamic shapes, ...).
+    """
+    scan = SiteScan()
+    nodes, others = language_model_sdpa_nodes(gm)
+    if others:
+        scan.skipped["not_language_model"] += others
+    for node, layer in nodes:
         a = _sdpa_args(node)
         q, k, mask = _val(a["query"]), _val(a["key"]), a["attn_mask"]
         B, H, S, D = q.shape
-        _check_profile(profile, int(m.group(1)), q, k, a["enable_gqa"])
-        if a["dropout_p"] not in (0, 0.0):
-            scan.skipped["dropout"] += 1
-            continue
+        _check_profile(profile, layer, q, k, a["enable_gqa"])
         mval = _val(mask)
-        if mask is not None and mval is None:
-            scan.skipped["unknown_mask"] += 1
+        if a["dropout_p"] not in (0, 0.0):
+            reason = "dropout"
+        elif mask is not None and mval is None:
+            reason = "unknown_mask"
+        elif mval is not None and a["is_causal"]:
+            reason = "mask_and_is_causal"
+        else:
+            reason = None
+        if reason:
+            scan.skipped[reason] += 1
             continue
         if not _static(B, S, k.shape[-2], *(mval.shape if mval is not None else ())):
             scan.static_fallback["dynamic_shapes"] += 1
-            continue
-        if S == 1:
+        elif S == 1:
             scan.static_fallback["decode"] += 1
-            continue
-        if S != k.shape[-2]:
+        elif S != k.shape[-2]:
             scan.static_fallback["not_self_attention"] += 1
-            continue
-        if mval is None:
-            kind = "causal" if a["is_causal"] else "none"
-        elif a["is_causal"]:
-            scan.skipped["mask_and_is_causal"] += 1
-            continue
         else:
-            kind = "bool" if mval.dtype == torch.bool else "additive"
-        scale = a["scale"]
-        scan.sites.append(Site(node, int(m.group(1)), S, k.shape[-2], B, kind, scale, bool(a["enable_gqa"])))
-    sdpa_modules = {_module_path(s.node) for s in scan.sites}
-    if lm_attention_modules and not sdpa_modules and not scan.static_fallback and not scan.skipped:
-        raise UnsupportedAttentionError(
-            f"the language model's attention ({sorted(lm_attention_modules)[0]}, ...) does not call "
-            "scaled_dot_product_attention, so BlindSight cannot rewrite it. Load the model with "
-            'attn_implementation="sdpa" (e.g. from_pretrained(..., attn_implementation="sdpa")).'
-        )
+            kind = ("causal" if a["is_causal"] else "none") if mval is None else (
+                "bool" if mval.dtype == torch.bool else "additive")
+            scan.sites.append(Site(node, layer, S, k.shape[-2], B, kind, a["scale"], bool(a["enable_gqa"])))
     return scan
 
 

@@ -185,6 +185,41 @@ class Profile:
         lines.append("  (D dense, X intra_sink, I intra, S sink)")
         return "\n".join(lines)
 
+    # ---- calibration statistics ------------------------------------------------------------------
+    def _recalls(self):
+        import torch
+
+        if not self.scores or not self.scores.get("prompts"):
+            raise ValueError("this profile has no calibration statistics (hand-made?): calibrate the model first")
+        return torch.tensor([p["recall"] for p in self.scores["prompts"]], dtype=torch.float64)  # [P, L, H, 3]
+
+    def recall(self, category: Category | str, quantile: float | None = None):
+        """Aggregated recall ``[layers, heads]`` of a sparse category (quantile over prompts; default: the
+        profile's own)."""
+        from .calibrate import SPARSE_CATEGORIES, aggregate_recall
+
+        c = Category.parse(category)
+        if c not in SPARSE_CATEGORIES:
+            raise ValueError(f"recall is measured for {[x.json_name for x in SPARSE_CATEGORIES]}, not {c.json_name}")
+        q = self.calibration.get("quantile", 0.0) if quantile is None else quantile
+        return aggregate_recall(self._recalls(), q)[..., SPARSE_CATEGORIES.index(c)]
+
+    def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> "Profile":
+        """A new profile decided from the stored per-prompt statistics (no model run). Unset arguments keep
+        this profile's settings."""
+        from .calibrate import aggregate_recall, decide_categories, normalize_thresholds
+
+        cal = dict(self.calibration)
+        if thresholds is None:
+            thresholds = cal.get("thresholds")
+        quantile = cal.get("quantile", 0.0) if quantile is None else float(quantile)
+        dense_layers = tuple(cal.get("dense_layers", ())) if dense_layers is None else tuple(dense_layers)
+        th = normalize_thresholds(thresholds)
+        cats = decide_categories(aggregate_recall(self._recalls(), quantile), th, dense_layers)
+        cal.update(thresholds={c.json_name: v for c, v in th.items()}, quantile=quantile,
+                   dense_layers=list(dense_layers))
+        return Profile(self.model, tuple(tuple(layer) for layer in cats), cal, self.scores)
+
     # ---- file format ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
         from . import __version__
