@@ -75,6 +75,81 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
+    """A transformers VLM from a local directory (or a Hub id already cached), with SDPA attention."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    return model.to(device).eval()
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (gloo on CPU, nccl on GPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def cmd_calibrate(args) -> int:
+    from .calibrate import calibrate
+    from .data import jsonl_samples, synthetic_samples
+
+    from .data import jsonl_records
+
+    if args.data != "synthetic":
+        for _ in jsonl_records(args.data):  # validate the whole file before loading a model
+            pass
+    rank, world = _init_distributed(args.device)
+    model = load_model(args.model, args.dtype, args.device)
+    if args.data == "synthetic":
+        samples = synthetic_samples(model.config, args.samples or 8, seed=args.seed)
+    else:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.model)
+        samples = jsonl_samples(args.data, processor, model.config.model_type, limit=args.samples)
+    dense_layers = [int(x) for x in args.dense_layers.split(",")] if args.dense_layers else ()
+    profile = calibrate(model, samples, thresholds=args.threshold, quantile=args.quantile,
+                        dense_layers=dense_layers, source=f"{args.data} (model {args.model})")
+    if rank == 0:
+        profile.save(args.out)
+        print(profile.summary())
+        print(f"profile written to {args.out}")
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .flops import attention_flops
+
+    profile = Profile.load(args.profile)
+    if args.threshold is not None:
+        profile = profile.decide(thresholds=args.threshold)
+    print(profile.summary())
+    if args.layout:
+        if profile.model.template is None:
+            raise SystemExit(f"{args.profile}: the profile has no image template; cannot build layout {args.layout!r}")
+        layout = Layout.from_spec(args.layout, Template.from_dict(profile.model.template))
+        f = attention_flops(layout, profile)
+        print(f"layout {args.layout} ({layout.seq_len} tokens, {int(layout.num_images[0])} images): attention FLOPs "
+              f"-{100 * f.reduction:.1f}% (ideal attention speedup {f.ideal_speedup:.2f}x)")
+    if args.png:
+        from .viz import plot_profile
+
+        plot_profile(profile, args.png)
+        print(f"heatmap written to {args.png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blindsight", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -85,6 +160,26 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--picture-layout", default="text:6,(image:14,text:3)x4,text:6")
     d.add_argument("--json", action="store_true", help="print machine-readable numbers")
     d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("calibrate", help="measure each head's recall on multi-image prompts and write a profile")
+    c.add_argument("model", help="a directory saved by save_pretrained (or a Hub id already in the local cache)")
+    c.add_argument("--data", required=True, help="a JSONL prompt file, or 'synthetic' for random prompts")
+    c.add_argument("--out", required=True, help="where to write the profile JSON")
+    c.add_argument("--samples", type=int, default=None, help="number of prompts (default: all; synthetic: 8)")
+    c.add_argument("--threshold", type=float, default=0.95, help="recall a sparse category must keep")
+    c.add_argument("--quantile", type=float, default=0.0, help="quantile over prompts (0 = the worst prompt)")
+    c.add_argument("--dense-layers", default="", help="comma-separated layers forced dense")
+    c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
+    c.set_defaults(func=cmd_calibrate)
+
+    i = sub.add_parser("inspect", help="print a profile, its FLOP reduction on a layout, draw its heatmap")
+    i.add_argument("profile")
+    i.add_argument("--layout", default=None, help="layout spec, e.g. 'text:64,(image:496,text:16)x16,text:80'")
+    i.add_argument("--threshold", type=float, default=None, help="re-decide with this threshold first")
+    i.add_argument("--png", default=None, help="draw a layers x heads heatmap")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

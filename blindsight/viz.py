@@ -37,3 +37,35 @@ def plot_category_masks(layout: Layout, path, categories: Sequence[Category] = t
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_profile(profile, path) -> None:
+    """Heatmaps, layers x heads: the categories, and (when calibrated) the aggregated recall per category."""
+    import numpy as np
+    from matplotlib.colors import ListedColormap
+
+    plt = _pyplot()
+    cats = np.array([[int(c) for c in layer] for layer in profile.categories])
+    panels = [("categories", cats)]
+    if profile.scores:
+        panels += [(f"recall {c}", profile.recall(c).numpy()) for c in ("sink", "intra", "intra_sink")]
+    L, H = cats.shape
+    fig, axes = plt.subplots(1, len(panels), figsize=(1.2 + 0.35 * H * len(panels) + 1.2 * len(panels), 1.5 + 0.25 * L),
+                             squeeze=False)
+    colors = ListedColormap(["#444444", "#e69f00", "#56b4e9", "#009e73"])
+    for ax, (title, data) in zip(axes[0], panels):
+        if title == "categories":
+            im = ax.imshow(data, cmap=colors, vmin=-0.5, vmax=3.5, aspect="auto", interpolation="nearest")
+            cb = fig.colorbar(im, ax=ax, ticks=range(4))
+            cb.ax.set_yticklabels([c.json_name for c in Category])
+        else:
+            im = ax.imshow(data, cmap="viridis", vmin=min(0.5, float(np.nanmin(data))), vmax=1.0, aspect="auto",
+                           interpolation="nearest")
+            fig.colorbar(im, ax=ax)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+    fig.suptitle(f"BlindSight profile: {profile.model.model_type}, {L} layers x {H} heads", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
