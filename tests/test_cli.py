@@ -91,3 +91,30 @@ def test_demo_json_is_well_formed(capsys, tmp_path):
     d = json.loads(capsys.readouterr().out)
     assert 0 < d["prefill_flop_reduction"] < d["attention_flop_reduction"] < 1
     assert d["tokens"] == 8336 and d["images"] == 16
+
+
+def test_calibrate_from_jsonl_with_the_models_processor(tmp_path):
+    """A JSONL file of real images run through the model's own processor (tiny Gemma-3, saved offline)."""
+    from PIL import Image
+
+    from tiny_models import save_tiny_gemma3_processor
+
+    model_dir = tmp_path / "gemma3"
+    build("gemma3").save_pretrained(model_dir)
+    save_tiny_gemma3_processor(model_dir)
+    rng = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(3):
+        names = []
+        for j in range(i + 2):
+            px = (torch.rand(40 + 8 * j, 48, 3, generator=rng) * 255).to(torch.uint8).numpy()
+            Image.fromarray(px).save(tmp_path / f"img{i}_{j}.png")
+            names.append(f"img{i}_{j}.png")
+        text = " ".join(f"w{k} <image>" for k in range(len(names))) + " w9 w10"
+        lines.append({"images": names, "text": text, "answer": "w1"})
+    data = _write(tmp_path, lines)
+    out = tmp_path / "profile.json"
+    assert main(["calibrate", str(model_dir), "--data", str(data), "--out", str(out), "--threshold", "0.6"]) == 0
+    p = Profile.load(out)
+    assert [r["image_rows"] for r in p.scores["prompts"]] == [6 * (i + 2) for i in range(3)]
+    assert p.model.model_type == "gemma3"

@@ -137,3 +137,21 @@ def reference_attention(model, layout: Layout, profile: Profile):
 
 def layout_of(model, inputs) -> Layout:
     return Layout.from_input_ids(inputs["input_ids"], Template.from_config(model.config), inputs["attention_mask"])
+
+
+def save_tiny_gemma3_processor(path) -> None:
+    """A word-level Gemma-3 processor (ids match ``build("gemma3")``), built offline and saved to ``path``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import Gemma3Processor, PreTrainedTokenizerFast
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"] + [f"w{i}" for i in range(246)])}
+    vocab.update({"<image_soft_token>": 250, "<start_of_image>": 251, "<end_of_image>": 252})
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", pad_token="<pad>", bos_token="<bos>", eos_token="<eos>",
+        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>",
+                              "eoi_token": "<end_of_image>"})
+    Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                    image_seq_length=4).save_pretrained(path)
