@@ -15,6 +15,7 @@ chunk (memory O(H * chunk * S); no S x S map for all heads is ever held).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 from typing import Iterable, Mapping, Sequence
 
@@ -218,12 +219,14 @@ def calibrate(
     spy = _Interceptor(model, info.num_layers, info.num_heads)
     records = []
     mine = [(i, s) for i, s in enumerate(samples) if i % world == rank]
+    # only attention is measured: skip the LM head's logits over the whole prompt when the model allows it
+    extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with spy.active(), torch.no_grad():
         for i, sample in _progress(mine, progress and rank == 0, "calibrating"):
             sample = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
             layout = Layout.from_input_ids(sample["input_ids"], template, sample.get("attention_mask"))
             spy.start(layout.to(model.device))
-            model(**sample)
+            model(**sample, **extra)
             if spy.ran and not spy.measured:
                 raise UnsupportedAttentionError(not_sdpa_message(next(iter(spy.modules))))
             missing = set(range(info.num_layers)) - spy.measured

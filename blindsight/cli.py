@@ -150,6 +150,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import BenchConfig, format_table, run
+
+    profile = Profile.load(args.profile) if args.profile else None
+    shape = {}
+    if profile is not None:
+        m = profile.model
+        shape = dict(heads=m.num_heads, kv_heads=m.num_kv_heads, head_dim=m.head_dim, layers=m.num_layers)
+    cfg = BenchConfig(**{**dict(layout=args.layout, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
+                                dtype=args.dtype, mix=args.mix, layers=args.layers, hidden=args.hidden,
+                                repeat=args.repeat, prefill=not args.no_prefill), **shape})
+    result = run(cfg, profile, progress=not args.json)
+    print(json.dumps(result, indent=1) if args.json else format_table(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blindsight", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -180,6 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threshold", type=float, default=None, help="re-decide with this threshold first")
     i.add_argument("--png", default=None, help="draw a layers x heads heatmap")
     i.set_defaults(func=cmd_inspect)
+
+    b = sub.add_parser("bench", help="compiled dense SDPA vs BlindSight: one layer's attention and a whole prefill")
+    b.add_argument("--layout", default=DEMO_LAYOUT)
+    b.add_argument("--heads", type=int, default=12)
+    b.add_argument("--kv-heads", type=int, default=2)
+    b.add_argument("--head-dim", type=int, default=128)
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--mix", default=DEMO_MIX, help="categories of the heads of every layer")
+    g.add_argument("--profile", default=None, help="use a profile's categories and shape instead of --mix")
+    b.add_argument("--layers", type=int, default=2, help="layers of the prefill model")
+    b.add_argument("--hidden", type=int, default=1536, help="hidden size of the prefill model")
+    b.add_argument("--repeat", type=int, default=5, help="timed runs (median)")
+    b.add_argument("--no-prefill", action="store_true", help="skip the whole-prefill measurement")
+    b.add_argument("--json", action="store_true")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
