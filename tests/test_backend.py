@@ -198,3 +198,40 @@ def test_eager_attention_model_raises_clear_error():
     clm = torch.compile(model.model.language_model, backend=blindsight_backend(mixed_profile(model)))
     with pytest.raises(Exception, match='attn_implementation="sdpa"'):
         clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
+
+
+@pytest.mark.parametrize("mask_kind", ["additive"])  # bool and is_causal: the model tests above
+def test_lowering_keeps_the_calls_own_mask(mask_kind):
+    """blindsight_sdpa (what each rewritten site calls), compiled, equals SDPA given the call's own mask AND
+    the categories: an additive float mask (finite biases and -inf), a bool mask, or is_causal."""
+    from blindsight.backend import blindsight_sdpa
+    from blindsight.masks import category_tiles
+    from blindsight import BaseMask, Layout, Template, reference_mask
+
+    layout = Layout.from_spec("text:5,(image:20,text:3)x4,text:6", Template((252,), (253,), (250,), 1))
+    S, H = layout.seq_len, 4
+    heads = (int(Category.SINK), int(Category.INTRA), int(Category.DENSE), int(Category.INTRA_SINK))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, H, S, 16, generator=g) for _ in range(3))
+    causal = torch.ones(S, S, dtype=torch.bool).tril()
+    if mask_kind == "additive":
+        mask = torch.randn(1, 1, S, S, generator=g).masked_fill(~causal, float("-inf"))
+        mask[..., 3] = float("-inf")
+    elif mask_kind == "bool":
+        mask = (causal & (torch.rand(S, S, generator=g) > 0.2)) | torch.eye(S, dtype=torch.bool)
+        mask = mask[None, None]
+    else:
+        mask = None
+    tiles = category_tiles(layout, BaseMask() if mask is None else BaseMask(causal=False), 32)
+    fn = torch.compile(lambda q, k, v, m, image, sink, p, f: blindsight_sdpa(
+        q, k, v, m, image, sink, p, f, heads=heads, scale=0.3, is_causal=mask is None, block=(32, 32)), dynamic=False)
+    out = fn(q, k, v, mask, layout.image, layout.sink, *tiles)
+    keep = reference_mask(layout, [Category(h) for h in heads], BaseMask(causal=False))
+    if mask is None:
+        full = torch.where(keep & causal, 0.0, float("-inf"))
+    elif mask.dtype == torch.bool:
+        full = torch.where(keep & mask, 0.0, float("-inf"))
+    else:
+        full = mask + torch.where(keep, 0.0, float("-inf"))
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=0.3)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
