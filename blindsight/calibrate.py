@@ -52,8 +52,14 @@ def removed_mass(q, k, attn_mask, is_causal: bool, scale, image: torch.Tensor, s
     for b in range(B):
         img = image[b].to(q.device).long()
         snk = sink[b].to(q.device)
+        n_img = int(img.max()) + 1
         idx_all = (img >= 0).nonzero().flatten()
         rows[b] = idx_all.numel()
+        if n_img == 0:
+            continue
+        # key membership, one column per image: all its tokens, and its sinks only
+        member = torch.nn.functional.one_hot(img.clamp_min(0), n_img).float() * (img >= 0)[:, None]
+        member = torch.cat([member, member * snk[:, None]], dim=1)  # [S, 2 * n_img]
         for start in range(0, idx_all.numel(), chunk):
             idx = idx_all[start:start + chunk]
             scores = torch.einsum("hqd,hkd->hqk", q[b][:, idx].float(), k[b].float()) * scale
@@ -63,15 +69,21 @@ def removed_mass(q, k, attn_mask, is_causal: bool, scale, image: torch.Tensor, s
             if is_causal:
                 scores = scores.masked_fill(keys[None, None, :] > idx[None, :, None], float("-inf"))
             p = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-            other_image = (img[keys][None, :] >= 0) & (img[idx][:, None] != img[keys][None, :])
-            other_key = (img[keys][None, :] >= 0) & ~snk[None, :] & (idx[:, None] != keys[None, :])
-            drops = {
-                Category.INTRA_SINK: other_image & ~snk[None, :],
-                Category.INTRA: other_image,
-                Category.SINK: other_key,
+            mass = (p @ member).double()  # [H, c, 2 * n_img]: mass on each image, and on its sinks
+            on_image, on_sink = mass[..., :n_img], mass[..., n_img:]
+            own = img[idx][None, :, None].expand(H, -1, 1)
+            other = on_image.sum(-1) - on_image.gather(-1, own)[..., 0]  # mass on other images
+            other_sinks = on_sink.sum(-1) - on_sink.gather(-1, own)[..., 0]
+            # SINK keeps sinks and the query itself: it removes image non-sink keys other than q
+            self_mass = p.gather(-1, idx[None, :, None].expand(H, -1, 1))[..., 0].double() * (~snk[idx])[None]
+            non_sink_image = on_image.sum(-1) - on_sink.sum(-1) - self_mass
+            per_cat = {
+                Category.INTRA_SINK: other - other_sinks,
+                Category.INTRA: other,
+                Category.SINK: non_sink_image,
             }
             for i, c in enumerate(SPARSE_CATEGORIES):
-                removed[b, i] += (p * drops[c][None]).sum(dim=(1, 2)).double().cpu()
+                removed[b, i] += per_cat[c].sum(-1).cpu()
     return removed, rows
 
 
