@@ -34,6 +34,7 @@ import torch.fx
 from torch.nn.attention.flex_attention import flex_attention
 
 from .layout import Layout, LayoutError, Template
+from .lowering import default_scale, segment_attention
 from .masks import BaseMask, assemble_block_mask, category_tiles, generate_blindsight_mask_mod
 from .profile import Category, Profile, ProfileMismatchError
 from .stats import count
@@ -58,18 +59,30 @@ class BackendOptions:
     - ``warn_on_fallback``: warn when a call runs dense.
     - ``compile_dense``: compile graphs and calls that stay dense with Inductor (default), or run them as
       traced (``False``: faster start-up, e.g. in tests; the sparse graph is always compiled by Inductor).
+    - ``lowering``: how a sparse call runs. ``"flex"``: FlexAttention with the per-head BlockMask (the GPU
+      lowering and the reference); ``"segments"``: SDPA per image segment over gathered keys
+      (:mod:`blindsight.lowering`), faster on CPU where the flex kernel is slow; ``"auto"`` (default):
+      segments on CPU, flex elsewhere, as measured on this project's machines (DESIGN §7, bench/).
     """
 
     template: Template | None = None
     block_size: int = 128
     warn_on_fallback: bool = False
     compile_dense: bool = True
+    lowering: str = "auto"
 
     def __post_init__(self):
         if self.template is not None and not isinstance(self.template, Template):
             raise TypeError(f"BackendOptions.template must be a blindsight.Template, got {type(self.template).__name__}")
         if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"BackendOptions.block_size must be a power of two >= 16, got {self.block_size!r}")
+        if self.lowering not in ("auto", "flex", "segments"):
+            raise ValueError(f"BackendOptions.lowering must be 'auto', 'flex' or 'segments', got {self.lowering!r}")
+
+    def lowering_for(self, device: torch.device) -> str:
+        if self.lowering != "auto":
+            return self.lowering
+        return "segments" if device.type == "cpu" else "flex"
 
 
 # ---- layout at run time ------------------------------------------------------------------------------
@@ -253,13 +266,17 @@ def _(x):
     return torch.empty_like(x)
 
 
-def blindsight_sdpa(q, k, v, attn_mask, image, sink, partial_c, full_c, *, heads, scale, is_causal, block):
+def blindsight_sdpa(q, k, v, attn_mask, image, sink, partial_c, full_c, *, heads, scale, is_causal, block,
+                    lowering="flex"):
     """FlexAttention equivalent of ``sdpa(q, k, v, attn_mask, is_causal=..., scale=...)`` AND the heads' categories.
 
     Traced into the rewritten graph (Inductor fuses mask_mod and score_mod into its flex kernel).
     ``partial_c``/``full_c``: per-category tiles ``[4, B, nq, nk]`` of the layout, with a causal base when
     ``is_causal`` and no base when the call has a mask (its tiles are intersected here).
+    ``lowering="segments"``: the CPU lowering of :mod:`blindsight.lowering` instead (tiles unused).
     """
+    if lowering == "segments":
+        return segment_attention(q, k, v, attn_mask, image, sink, list(heads), default_scale(q, scale), is_causal)
     head_index = materialize(torch.tensor(heads, dtype=torch.int64, device=q.device))
     score_mod = None
     if attn_mask is None:
@@ -284,7 +301,8 @@ def blindsight_sdpa(q, k, v, attn_mask, image, sink, partial_c, full_c, *, heads
 _EXTRA_INPUTS = ("image", "sink", "causal_partial", "causal_full", "free_partial", "free_full")
 
 
-def rewrite_sites(gm: torch.fx.GraphModule, scan: SiteScan, profile: Profile, block: int) -> torch.fx.GraphModule:
+def rewrite_sites(gm: torch.fx.GraphModule, scan: SiteScan, profile: Profile, block: int,
+                  lowering: str = "flex") -> torch.fx.GraphModule:
     """A copy of ``gm`` whose sites call :func:`blindsight_sdpa`; new inputs (``_EXTRA_INPUTS``) go last."""
     # Dynamo reads its own placeholders' metadata after the backend returns: work on a copy of the graph.
     graph = copy.deepcopy(gm.graph)
@@ -305,7 +323,7 @@ def rewrite_sites(gm: torch.fx.GraphModule, scan: SiteScan, profile: Profile, bl
                 (a["query"], a["key"], a["value"], a["attn_mask"], extra["image"], extra["sink"],
                  extra[f"{tiles}_partial"], extra[f"{tiles}_full"]),
                 {"heads": tuple(int(c) for c in profile.layer_categories(site.layer)), "scale": site.scale,
-                 "is_causal": site.mask_kind == "causal", "block": (block, block)},
+                 "is_causal": site.mask_kind == "causal", "block": (block, block), "lowering": lowering},
             )
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
@@ -337,7 +355,9 @@ class GraphRunner:
         self.ids_at = _placeholder_index(gm, "input_ids")
         self.mask_at = _placeholder_index(gm, "attention_mask")
         self.dense = compile_fx(gm, example_inputs) if options.compile_dense else gm.forward
-        self.rewritten = rewrite_sites(gm, self.scan, profile, options.block_size) if self.scan.sites else None
+        self.lowering = options.lowering_for(_val(self.scan.sites[0].node).device) if self.scan.sites else None
+        self.rewritten = (rewrite_sites(gm, self.scan, profile, options.block_size, self.lowering)
+                          if self.scan.sites else None)
         self.sparse = None
         count("sites_found", len(self.scan.sites) + sum(self.scan.static_fallback.values()))
         count("sites_rewritten", len(self.scan.sites))
@@ -365,6 +385,7 @@ class GraphRunner:
                 warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
                 self.sparse = compile_fx(self.rewritten, list(args) + extra)
         count("sparse_calls", len(self.scan.sites))
+        count(f"lowering.{self.lowering}", len(self.scan.sites))
         return self.sparse(*args, *extra)
 
     def _fallback(self, reason: str, n: int) -> None:
@@ -406,8 +427,9 @@ class GraphRunner:
         device = _val(self.scan.sites[0].node).device
         layout = layout.to(device)
         empty = torch.zeros(0, dtype=torch.bool, device=device)
-        causal = category_tiles(layout, BaseMask(), block) if "causal" in kinds else (empty, empty)
-        free = category_tiles(layout, BaseMask(causal=False), block) if kinds - {"causal"} else (empty, empty)
+        flex = self.lowering == "flex"
+        causal = category_tiles(layout, BaseMask(), block) if flex and "causal" in kinds else (empty, empty)
+        free = category_tiles(layout, BaseMask(causal=False), block) if flex and kinds - {"causal"} else (empty, empty)
         return [layout.image, layout.sink, *causal, *free]
 
 

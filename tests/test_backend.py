@@ -47,13 +47,13 @@ def compiled():
     """One tiny model and its BlindSight-compiled twin per (model, batch size), compiled once per session."""
     cache = {}
 
-    def get(name, batch_size):
-        if (name, batch_size) not in cache:
+    def get(name, batch_size, lowering="segments"):
+        if (name, batch_size, lowering) not in cache:
             model = build(name)
             profile = mixed_profile(model)
-            backend = blindsight_backend(profile, compile_dense=False)
-            cache[name, batch_size] = (model, torch.compile(model, backend=backend, dynamic=False), profile)
-        return cache[name, batch_size]
+            backend = blindsight_backend(profile, compile_dense=False, lowering=lowering)
+            cache[name, batch_size, lowering] = (model, torch.compile(model, backend=backend, dynamic=False), profile)
+        return cache[name, batch_size, lowering]
 
     return get
 
@@ -67,16 +67,20 @@ def real(inp):
     return inp["attention_mask"].bool()
 
 
-@pytest.mark.parametrize("batch_size", [1, 2])
-@pytest.mark.parametrize("name", MODELS)
-def test_sparse_logits_equal_eager_reference(compiled, name, batch_size):
+LOWERINGS = [(name, b, "segments") for name in MODELS for b in (1, 2)] + [
+    ("qwen2_vl", 1, "flex"), ("qwen2_vl", 2, "flex"), ("qwen2_5_vl", 1, "flex"), ("gemma3", 2, "flex")]
+
+
+@pytest.mark.parametrize("name, batch_size, lowering", LOWERINGS)
+def test_sparse_logits_equal_eager_reference(compiled, name, batch_size, lowering):
     """Test 2: random per-head categories; compiled BlindSight == eager model with DESIGN §2 masks."""
-    model, cmodel, profile = compiled(name, batch_size)
+    model, cmodel, profile = compiled(name, batch_size, lowering)
     inp = inputs(name, batch_size)
     blindsight.reset_stats()
     out = logits(cmodel, inp)
     s = blindsight.stats()
-    assert s.get("sparse_calls") == 2 and not any(k.startswith("fallback") for k in s), s
+    assert s.get("sparse_calls") == 2 and s.get(f"lowering.{lowering}") == 2, s
+    assert not any(k.startswith("fallback") for k in s), s
     with reference_attention(model, layout_of(model, inp), profile):
         ref = logits(model, inp)
     dense = logits(model, inp)
