@@ -37,12 +37,15 @@ class BenchConfig:
     hidden: int = 1536
     repeat: int = 5
     prefill: bool = True
+    lowering: str = "auto"
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
             raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {self.kv_heads}")
         if self.repeat < 1:
             raise ValueError("repeat must be >= 1")
+        if self.lowering not in ("auto", "flex", "segments"):
+            raise ValueError(f"lowering must be auto, flex or segments, got {self.lowering!r}")
 
 
 def _median_time(fn, repeat: int, warmup: int = 2) -> float:
@@ -57,9 +60,10 @@ def _median_time(fn, repeat: int, warmup: int = 2) -> float:
 
 
 def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True) -> dict:
-    from .backend import blindsight_sdpa
+    from .backend import BackendOptions, blindsight_sdpa
     from .cli import parse_mix
 
+    lowering = BackendOptions(lowering=cfg.lowering).lowering_for(torch.device("cpu"))
     dtype = getattr(torch, cfg.dtype)
     ids = input_ids_from_spec(cfg.layout, BENCH_TEMPLATE)
     layout = Layout.from_input_ids(ids, BENCH_TEMPLATE)
@@ -79,7 +83,7 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
     partial, full = category_tiles(layout, BaseMask(), 128)
     sparse = torch.compile(lambda q, k, v, image, sink, p, f: blindsight_sdpa(
         q, k, v, None, image, sink, p, f, heads=tuple(int(c) for c in heads), scale=None, is_causal=True,
-        block=(128, 128)), dynamic=False)
+        block=(128, 128), lowering=lowering), dynamic=False)
     with torch.no_grad():
         t_dense = _median_time(lambda: dense(q, k, v), cfg.repeat)
         t_sparse = _median_time(lambda: sparse(q, k, v, layout.image, layout.sink, partial, full), cfg.repeat)
@@ -100,7 +104,7 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
     next(steps)
     result = {
         "layout": cfg.layout, "tokens": S, "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "dtype": cfg.dtype, "categories": [c.json_name for c in heads],
+        "dtype": cfg.dtype, "categories": [c.json_name for c in heads], "lowering": lowering,
         "dense_attention_s": t_dense, "blindsight_attention_s": t_sparse,
         "speedup": t_dense / t_sparse, "ideal": attn.ideal_speedup, "efficiency": t_dense / t_sparse / attn.ideal_speedup,
         "tile_density": computed, "layout_overhead_ms": 1000 * t_layout, "max_abs_error": err,
@@ -108,7 +112,7 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
 
     # (c) whole prefill of a language model of that shape
     if cfg.prefill:
-        result.update(_prefill(cfg, profile, layout, dtype))
+        result.update(_prefill(cfg, profile, layout, dtype, lowering))
         result["layout_overhead_fraction"] = t_layout / result["blindsight_prefill_s"]
         next(steps)
     return result
@@ -122,7 +126,7 @@ def _reference(q, k, v, layout, heads):
                                                             enable_gqa=True)
 
 
-def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype) -> dict:
+def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering: str) -> dict:
     from transformers import Qwen2Config, Qwen2Model
 
     from .backend import blindsight_backend, use_layout
@@ -136,7 +140,7 @@ def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype) -> dict:
     emb = torch.randn(1, layout.seq_len, cfg.hidden, dtype=dtype)
     torch._dynamo.reset()
     dense = torch.compile(model, dynamic=False)
-    sparse = torch.compile(model, backend=blindsight_backend(profile), dynamic=False)
+    sparse = torch.compile(model, backend=blindsight_backend(profile, lowering=lowering), dynamic=False)
     with torch.no_grad():
         t_dense = _median_time(lambda: dense(inputs_embeds=emb), cfg.repeat)
         with use_layout(layout):
@@ -164,9 +168,9 @@ def format_table(r: dict) -> str:
         ("layout", f"{r['layout']} ({r['tokens']} tokens)"),
         ("shape", f"{r['heads']} heads / {r['kv_heads']} kv, d={r['head_dim']}, {r['dtype']}"),
         ("attention: dense SDPA (compiled)", f"{r['dense_attention_s'] * 1000:.1f} ms"),
-        ("attention: BlindSight", f"{r['blindsight_attention_s'] * 1000:.1f} ms"),
+        (f"attention: BlindSight ({r['lowering']})", f"{r['blindsight_attention_s'] * 1000:.1f} ms"),
         ("speedup / ideal / efficiency", f"{r['speedup']:.2f}x / {r['ideal']:.2f}x / {r['efficiency']:.2f}"),
-        ("tile density", f"{100 * r['tile_density']:.1f}%"),
+        ("tile density (flex lowering)", f"{100 * r['tile_density']:.1f}%"),
         ("layout overhead", f"{r['layout_overhead_ms']:.1f} ms"),
         ("max |error| vs reference", f"{r['max_abs_error']:.1e}"),
     ]

@@ -160,7 +160,7 @@ def cmd_bench(args) -> int:
         shape = dict(heads=m.num_heads, kv_heads=m.num_kv_heads, head_dim=m.head_dim, layers=m.num_layers)
     cfg = BenchConfig(**{**dict(layout=args.layout, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                                 dtype=args.dtype, mix=args.mix, layers=args.layers, hidden=args.hidden,
-                                repeat=args.repeat, prefill=not args.no_prefill), **shape})
+                                repeat=args.repeat, prefill=not args.no_prefill, lowering=args.lowering), **shape})
     result = run(cfg, profile, progress=not args.json)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
@@ -210,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hidden", type=int, default=1536, help="hidden size of the prefill model")
     b.add_argument("--repeat", type=int, default=5, help="timed runs (median)")
     b.add_argument("--no-prefill", action="store_true", help="skip the whole-prefill measurement")
+    b.add_argument("--lowering", default="auto", choices=["auto", "flex", "segments"])
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p

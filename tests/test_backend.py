@@ -204,8 +204,9 @@ def test_eager_attention_model_raises_clear_error():
         clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
 
 
+@pytest.mark.parametrize("lowering", ["flex", "segments"])
 @pytest.mark.parametrize("mask_kind", ["additive"])  # bool and is_causal: the model tests above
-def test_lowering_keeps_the_calls_own_mask(mask_kind):
+def test_lowering_keeps_the_calls_own_mask(mask_kind, lowering):
     """blindsight_sdpa (what each rewritten site calls), compiled, equals SDPA given the call's own mask AND
     the categories: an additive float mask (finite biases and -inf), a bool mask, or is_causal."""
     from blindsight.backend import blindsight_sdpa
@@ -228,7 +229,8 @@ def test_lowering_keeps_the_calls_own_mask(mask_kind):
         mask = None
     tiles = category_tiles(layout, BaseMask() if mask is None else BaseMask(causal=False), 32)
     fn = torch.compile(lambda q, k, v, m, image, sink, p, f: blindsight_sdpa(
-        q, k, v, m, image, sink, p, f, heads=heads, scale=0.3, is_causal=mask is None, block=(32, 32)), dynamic=False)
+        q, k, v, m, image, sink, p, f, heads=heads, scale=0.3, is_causal=mask is None, block=(32, 32),
+        lowering=lowering), dynamic=False)
     out = fn(q, k, v, mask, layout.image, layout.sink, *tiles)
     keep = reference_mask(layout, [Category(h) for h in heads], BaseMask(causal=False))
     if mask is None:
