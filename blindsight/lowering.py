@@ -50,6 +50,18 @@ def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows: torch.Tensor, keys:
     return None
 
 
+def _text_runs(rows: torch.Tensor, split: bool) -> list[torch.Tensor]:
+    """The text rows as maximal runs of consecutive positions (``split``), or all of them at once."""
+    if not split or rows.numel() <= 1:
+        return [rows]
+    breaks = ((rows[1:] - rows[:-1]) != 1).nonzero().flatten() + 1
+    return list(torch.tensor_split(rows, breaks.tolist()))
+
+
+def _4d(mask):
+    return None if mask is None else mask[None]
+
+
 def _combine(base, keep: torch.Tensor | None):
     """base AND keep, as SDPA's attn_mask (float base: -inf where keep is False)."""
     if keep is None:
@@ -79,44 +91,53 @@ def segment_attention(
     out = q.new_empty(B, H, S, v.shape[-1])
     heads_t = torch.tensor(heads, device=q.device)
     all_keys = torch.arange(S, device=q.device)
+    sparse_heads = (heads_t != Category.DENSE).nonzero().flatten()
+    # SDPA's fused CPU kernels need 4-D inputs (3-D ones take the slow math path): keep a batch dim of 1
     for b in range(B):
         img, snk = image[b], sink[b]
         segments = _segments(img)
         text_rows = (img < 0).nonzero().flatten()
-        text_keys = text_rows
         sinks = snk.nonzero().flatten()
-        for c in sorted(set(heads)):
-            hs = (heads_t == c).nonzero().flatten()
-            qc, kc, vc = q[b, hs], k[b, hs // rep], v[b, hs // rep]
-            if c == Category.DENSE or not segments:
-                mask = None
-                if attn_mask is not None:
-                    mask = attn_mask[b if attn_mask.shape[0] > 1 else 0]
-                    mask = mask[hs] if mask.shape[0] > 1 else mask
-                out[b, hs] = F.scaled_dot_product_attention(
-                    qc, kc, vc, attn_mask=mask, is_causal=attn_mask is None and is_causal, scale=scale)
+        dense_heads = torch.arange(H, device=q.device) if not segments else (heads_t == Category.DENSE).nonzero().flatten()
+        for hs, rows in ((dense_heads, None), (sparse_heads if segments else dense_heads[:0], text_rows)):
+            # dense heads: every row; text rows of sparse heads: every key (text queries keep all pairs)
+            if hs.numel() == 0 or (rows is not None and rows.numel() == 0):
                 continue
-            if text_rows.numel():
-                mask = _base_rows(attn_mask, b, hs, text_rows, all_keys, is_causal)
-                out[b, hs[:, None], text_rows[None, :]] = F.scaled_dot_product_attention(
-                    qc[:, text_rows], kc, vc, attn_mask=mask, scale=scale)
+            qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
+            if rows is None:
+                mask = None if attn_mask is None else _base_rows(attn_mask, b, hs, all_keys, all_keys, False)
+                res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if mask is None else mask[None],
+                                                     is_causal=attn_mask is None and is_causal, scale=scale)
+                out[b, hs] = res[0]
+            else:
+                for run in _text_runs(rows, attn_mask is None and is_causal):
+                    # causal: a text run sees only the keys up to its own end
+                    keys = all_keys[: int(run[-1]) + 1] if attn_mask is None and is_causal else all_keys
+                    mask = _base_rows(attn_mask, b, hs, run, keys, is_causal)
+                    res = F.scaled_dot_product_attention(qh[:, :, run], kh[:, :, keys], vh[:, :, keys],
+                                                         attn_mask=_4d(mask), scale=scale)
+                    out[b, hs[:, None], run[None, :]] = res[0]
+        if not segments:
+            continue
+        for c in sorted(set(heads) - {int(Category.DENSE)}):
+            hs = (heads_t == c).nonzero().flatten()
+            qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
             for i, s0, s1 in segments:
-                own = torch.arange(s0, s1, device=q.device)
-                parts = [text_keys]
+                rows = torch.arange(s0, s1, device=q.device)
+                parts = [text_rows]
                 if c in (Category.INTRA_SINK, Category.SINK):
                     parts.append(sinks[img[sinks] != i])
-                parts.append(own)
+                parts.append(rows)
                 keys = torch.cat(parts)
                 if attn_mask is None and is_causal:
                     keys = keys[keys < s1]  # later keys are never visible to these rows
-                rows = own
                 keep = None
                 if c == Category.SINK:  # own image: only its sinks and the query itself
-                    in_own = img[keys] == i
-                    keep = ~in_own[None, :] | snk[keys][None, :] | (keys[None, :] == rows[:, None])
+                    keep = (img[keys] != i)[None, :] | snk[keys][None, :] | (keys[None, :] == rows[:, None])
                 mask = _combine(_base_rows(attn_mask, b, hs, rows, keys, is_causal), keep)
-                out[b, hs[:, None], rows[None, :]] = F.scaled_dot_product_attention(
-                    qc[:, rows], kc[:, keys], vc[:, keys], attn_mask=mask, scale=scale)
+                res = F.scaled_dot_product_attention(qh[:, :, s0:s1], kh[:, :, keys], vh[:, :, keys],
+                                                     attn_mask=_4d(mask), scale=scale)
+                out[b, hs, s0:s1] = res[0]
     return out
 
 
