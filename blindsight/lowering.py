@@ -135,6 +135,9 @@ def segment_attention(
                 if c == Category.SINK:  # own image: only its sinks and the query itself
                     keep = (img[keys] != i)[None, :] | snk[keys][None, :] | (keys[None, :] == rows[:, None])
                 mask = _combine(_base_rows(attn_mask, b, hs, rows, keys, is_causal), keep)
+                if attn_mask is not None:  # drop the keys no row may see (e.g. later or padded tokens)
+                    seen = (mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=(0, 1))
+                    keys, mask = keys[seen], mask[..., seen]
                 res = F.scaled_dot_product_attention(qh[:, :, s0:s1], kh[:, :, keys], vh[:, :, keys],
                                                      attn_mask=_4d(mask), scale=scale)
                 out[b, hs, s0:s1] = res[0]
