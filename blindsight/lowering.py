@@ -58,6 +58,46 @@ def _text_runs(rows: torch.Tensor, split: bool) -> list[torch.Tensor]:
     return list(torch.tensor_split(rows, breaks.tolist()))
 
 
+def _flash(q, k, v, causal: bool, scale: float):
+    """(output, log-sum-exp) of SDPA's fused CPU kernel; ``causal`` aligns query and key starts."""
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
+    return out, lse
+
+
+def _merge(terms):
+    """Attention over the union of disjoint key sets from each set's (output, log-sum-exp)."""
+    if len(terms) == 1:
+        return terms[0][0]
+    lse = torch.stack([t[1] for t in terms])
+    total = torch.logsumexp(lse, dim=0)
+    return sum(o * torch.exp(l - total).unsqueeze(-1).to(o.dtype) for o, l in terms)
+
+
+def _segment_causal(qh, kh, vh, c, i, s0, s1, text_rows, sinks, img, snk, scale):
+    """Rows of image segment i under a causal mask, category c: terms over disjoint key sets, merged.
+
+    Keys before the segment that the category keeps (text; other images' sinks for INTRA_SINK/SINK) are
+    visible to every row; the segment's own keys are causal (INTRA, INTRA_SINK), or for SINK its own sinks
+    (causal) plus each row's own key.
+    """
+    q = qh[:, :, s0:s1]
+    prefix = text_rows[text_rows < s0]
+    if c in (Category.INTRA_SINK, Category.SINK):
+        prefix = torch.cat([prefix, sinks[(sinks < s0) & (img[sinks] != i)]])
+    terms = []
+    if prefix.numel():
+        terms.append(_flash(q, kh[:, :, prefix], vh[:, :, prefix], False, scale))
+    if c != Category.SINK:
+        terms.append(_flash(q, kh[:, :, s0:s1], vh[:, :, s0:s1], True, scale))
+    else:
+        n_sinks = int(snk[s0:s1].sum())
+        terms.append(_flash(q, kh[:, :, s0:s0 + n_sinks], vh[:, :, s0:s0 + n_sinks], True, scale))
+        own = (q * kh[:, :, s0:s1]).sum(-1) * scale  # each row with its own key
+        own[:, :, :n_sinks] = float("-inf")  # those rows' own key is a sink, counted above
+        terms.append((vh[:, :, s0:s1], own.float()))
+    return _merge(terms)
+
+
 def _4d(mask):
     return None if mask is None else mask[None]
 
@@ -92,6 +132,8 @@ def segment_attention(
     heads_t = torch.tensor(heads, device=q.device)
     all_keys = torch.arange(S, device=q.device)
     sparse_heads = (heads_t != Category.DENSE).nonzero().flatten()
+    # causal calls on CPU: split each row block into unmasked/causal flash calls merged by log-sum-exp
+    causal_cpu = attn_mask is None and is_causal and q.device.type == "cpu"
     # SDPA's fused CPU kernels need 4-D inputs (3-D ones take the slow math path): keep a batch dim of 1
     for b in range(B):
         img, snk = image[b], sink[b]
@@ -109,6 +151,13 @@ def segment_attention(
                 res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if mask is None else mask[None],
                                                      is_causal=attn_mask is None and is_causal, scale=scale)
                 out[b, hs] = res[0]
+            elif causal_cpu:
+                for run in _text_runs(rows, True):  # keys before the run: all visible; the run itself: causal
+                    t0, t1 = int(run[0]), int(run[-1]) + 1
+                    terms = [_flash(qh[:, :, t0:t1], kh[:, :, t0:t1], vh[:, :, t0:t1], True, scale)]
+                    if t0 > 0:
+                        terms.append(_flash(qh[:, :, t0:t1], kh[:, :, :t0], vh[:, :, :t0], False, scale))
+                    out[b, hs, t0:t1] = _merge(terms)[0]
             else:
                 for run in _text_runs(rows, attn_mask is None and is_causal):
                     # causal: a text run sees only the keys up to its own end
@@ -123,6 +172,9 @@ def segment_attention(
             hs = (heads_t == c).nonzero().flatten()
             qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
             for i, s0, s1 in segments:
+                if causal_cpu:
+                    out[b, hs, s0:s1] = _segment_causal(qh, kh, vh, c, i, s0, s1, text_rows, sinks, img, snk, scale)[0]
+                    continue
                 rows = torch.arange(s0, s1, device=q.device)
                 parts = [text_rows]
                 if c in (Category.INTRA_SINK, Category.SINK):
