@@ -73,7 +73,13 @@ LOWERINGS = [(name, b, "segments") for name in MODELS for b in (1, 2)] + [
 
 @pytest.mark.parametrize("name, batch_size, lowering", LOWERINGS)
 def test_sparse_logits_equal_eager_reference(compiled, name, batch_size, lowering):
-    """Test 2: random per-head categories; compiled BlindSight == eager model with DESIGN §2 masks."""
+    """Test 2: random per-head categories; compiled BlindSight == eager model with DESIGN §2 masks.
+
+    Test 5 (batch 1): right after, another image arrangement of the same length reuses the sparse graph (no
+    new sparse compilation; Gemma-3: no new Dynamo graph at all; Qwen re-specializes its small position
+    graphs, not the language model's) and is exact too. It runs before any eager call of the same model:
+    an eager forward changes model state that Dynamo guards on (Qwen's cached ``rope_deltas``).
+    """
     model, cmodel, profile = compiled(name, batch_size, lowering)
     inp = inputs(name, batch_size)
     blindsight.reset_stats()
@@ -81,31 +87,24 @@ def test_sparse_logits_equal_eager_reference(compiled, name, batch_size, lowerin
     s = blindsight.stats()
     assert s.get("sparse_calls") == 2 and s.get(f"lowering.{lowering}") == 2, s
     assert not any(k.startswith("fallback") for k in s), s
-    with reference_attention(model, layout_of(model, inp), profile):
-        ref = logits(model, inp)
-    dense = logits(model, inp)
-    m = real(inp)
-    torch.testing.assert_close(out[m], ref[m], atol=1e-5, rtol=1e-5)
-    assert (out[m] - dense[m]).abs().max() > 1e-3  # the masks changed the result: the test is not vacuous
-
-
-@pytest.mark.parametrize("name", MODELS)
-def test_same_length_new_arrangement_reuses_the_sparse_graph(compiled, name):
-    """Test 5: another image arrangement of the same length: exact, and no new sparse compilation."""
-    model, cmodel, profile = compiled(name, 1)
-    logits(cmodel, inputs(name, 1))  # compiled already, or now
-    blindsight.reset_stats()
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    inp = prompts(name, "A2")
-    assert inp["input_ids"].shape == inputs(name, 1)["input_ids"].shape
-    out = logits(cmodel, inp)
-    s = blindsight.stats()
-    assert "sparse_compiles" not in s and s.get("sparse_calls") == 2, s
-    if name == "gemma3":  # one graph per forward, reused as is (Qwen re-specializes small position graphs)
-        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    with reference_attention(model, layout_of(model, inp), profile):
-        ref = logits(model, inp)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    checks = [(inp, out)]
+    if batch_size == 1:
+        blindsight.reset_stats()
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        moved = prompts(name, "A2")
+        assert moved["input_ids"].shape == inp["input_ids"].shape
+        checks.append((moved, logits(cmodel, moved)))
+        s = blindsight.stats()
+        assert "sparse_compiles" not in s and s.get("sparse_calls") == 2, s
+        if name == "gemma3":
+            assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    for x, got in checks:
+        with reference_attention(model, layout_of(model, x), profile):
+            ref = logits(model, x)
+        dense = logits(model, x)
+        m = real(x)
+        torch.testing.assert_close(got[m], ref[m], atol=1e-5, rtol=1e-5)
+        assert (got[m] - dense[m]).abs().max() > 1e-3  # the masks changed the result: the test is not vacuous
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "gemma3"])
