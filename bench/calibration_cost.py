@@ -28,7 +28,7 @@ def one(images: int) -> dict:
     cfg._attn_implementation = "sdpa"
     model = Qwen2VLForConditionalGeneration(cfg).eval()
     # the W1 layout: text:64, (image:496, text:16) x images, text:80 ; 494 placeholders = grid 38 x 52 / 4
-    ids, types, grids = [], [], []
+    ids, grids = [], []
     ids += [100] * 64
     for _ in range(images):
         ids += [cfg.vision_start_token_id] + [cfg.image_token_id] * 494 + [cfg.vision_end_token_id] + [100] * 16

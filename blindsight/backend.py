@@ -36,7 +36,7 @@ from torch.nn.attention.flex_attention import flex_attention
 from .layout import Layout, LayoutError, Template
 from .lowering import default_scale, segment_attention
 from .masks import BaseMask, assemble_block_mask, category_tiles, generate_blindsight_mask_mod
-from .profile import Category, Profile, ProfileMismatchError
+from .profile import Profile, ProfileMismatchError
 from .stats import count
 
 __all__ = ["blindsight_backend", "BackendOptions", "use_layout", "UnsupportedAttentionError", "find_sites", "language_model_sdpa_nodes"]

@@ -1,13 +1,12 @@
 """FLOP counts on small layouts counted by hand, and on random layouts against the dense reference."""
 
-import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Qwen2Config
 
 from blindsight import Category, Layout, ModelInfo, Profile, Template
 from blindsight.flops import attention_flops, prefill_flops
-from blindsight.masks import BaseMask, reference_mask
+from blindsight.masks import reference_mask
 from strategies import base_masks, layouts
 
 T = Template((252,), (253,), (250,), 1)
