@@ -16,6 +16,7 @@ its Python body runs at run time with the real layout (data-dependent segment si
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -98,6 +99,20 @@ def _segment_causal(qh, kh, vh, c, i, s0, s1, text_rows, sinks, img, snk, scale)
     return _merge(terms)
 
 
+@functools.lru_cache(maxsize=2)
+def _lower_triangle(S: int, device: str) -> torch.Tensor:
+    return torch.ones(S, S, dtype=torch.bool, device=device).tril()
+
+
+def _is_plain_causal(mask: torch.Tensor, b: int) -> bool:
+    """Is row b of a bool mask exactly the causal mask (for every head)? One S x S comparison per call."""
+    if mask.dtype != torch.bool or mask.shape[-1] != mask.shape[-2]:
+        return False
+    m = mask[b if mask.shape[0] > 1 else 0]
+    tril = _lower_triangle(mask.shape[-1], str(mask.device))
+    return all(torch.equal(m[h], tril) for h in range(m.shape[0]))
+
+
 def _4d(mask):
     return None if mask is None else mask[None]
 
@@ -132,10 +147,13 @@ def segment_attention(
     heads_t = torch.tensor(heads, device=q.device)
     all_keys = torch.arange(S, device=q.device)
     sparse_heads = (heads_t != Category.DENSE).nonzero().flatten()
-    # causal calls on CPU: split each row block into unmasked/causal flash calls merged by log-sum-exp
-    causal_cpu = attn_mask is None and is_causal and q.device.type == "cpu"
     # SDPA's fused CPU kernels need 4-D inputs (3-D ones take the slow math path): keep a batch dim of 1
     for b in range(B):
+        mask_b, causal_b = attn_mask, is_causal
+        if mask_b is not None and _is_plain_causal(mask_b, b):
+            mask_b, causal_b = None, True  # transformers' materialized causal mask: same pairs, faster path
+        # causal rows on CPU: unmasked/causal flash calls merged by log-sum-exp
+        causal_cpu = mask_b is None and causal_b and q.device.type == "cpu"
         img, snk = image[b], sink[b]
         segments = _segments(img)
         text_rows = (img < 0).nonzero().flatten()
@@ -147,9 +165,9 @@ def segment_attention(
                 continue
             qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
             if rows is None:
-                mask = None if attn_mask is None else _base_rows(attn_mask, b, hs, all_keys, all_keys, False)
+                mask = None if mask_b is None else _base_rows(mask_b, b, hs, all_keys, all_keys, False)
                 res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if mask is None else mask[None],
-                                                     is_causal=attn_mask is None and is_causal, scale=scale)
+                                                     is_causal=mask_b is None and causal_b, scale=scale)
                 out[b, hs] = res[0]
             elif causal_cpu:
                 for run in _text_runs(rows, True):  # keys before the run: all visible; the run itself: causal
@@ -159,10 +177,10 @@ def segment_attention(
                         terms.append(_flash(qh[:, :, t0:t1], kh[:, :, :t0], vh[:, :, :t0], False, scale))
                     out[b, hs, t0:t1] = _merge(terms)[0]
             else:
-                for run in _text_runs(rows, attn_mask is None and is_causal):
+                for run in _text_runs(rows, mask_b is None and causal_b):
                     # causal: a text run sees only the keys up to its own end
-                    keys = all_keys[: int(run[-1]) + 1] if attn_mask is None and is_causal else all_keys
-                    mask = _base_rows(attn_mask, b, hs, run, keys, is_causal)
+                    keys = all_keys[: int(run[-1]) + 1] if mask_b is None and causal_b else all_keys
+                    mask = _base_rows(mask_b, b, hs, run, keys, causal_b)
                     res = F.scaled_dot_product_attention(qh[:, :, run], kh[:, :, keys], vh[:, :, keys],
                                                          attn_mask=_4d(mask), scale=scale)
                     out[b, hs[:, None], run[None, :]] = res[0]
@@ -181,13 +199,13 @@ def segment_attention(
                     parts.append(sinks[img[sinks] != i])
                 parts.append(rows)
                 keys = torch.cat(parts)
-                if attn_mask is None and is_causal:
+                if mask_b is None and causal_b:
                     keys = keys[keys < s1]  # later keys are never visible to these rows
                 keep = None
                 if c == Category.SINK:  # own image: only its sinks and the query itself
                     keep = (img[keys] != i)[None, :] | snk[keys][None, :] | (keys[None, :] == rows[:, None])
-                mask = _combine(_base_rows(attn_mask, b, hs, rows, keys, is_causal), keep)
-                if attn_mask is not None:  # drop the keys no row may see (e.g. later or padded tokens)
+                mask = _combine(_base_rows(mask_b, b, hs, rows, keys, causal_b), keep)
+                if mask_b is not None:  # drop the keys no row may see (e.g. later or padded tokens)
                     seen = (mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=(0, 1))
                     keys, mask = keys[seen], mask[..., seen]
                 res = F.scaled_dot_product_attention(qh[:, :, s0:s1], kh[:, :, keys], vh[:, :, keys],

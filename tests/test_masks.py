@@ -163,9 +163,18 @@ def test_segment_lowering_equals_sdpa_with_reference(data):
     H = data.draw(st.sampled_from([2, 4]))
     kv = data.draw(st.sampled_from([1, H]))
     cats = data.draw(st.lists(categories_st, min_size=H, max_size=H))
-    causal = data.draw(st.booleans())
-    base = BaseMask() if causal else data.draw(base_masks(layout, am, H, kinds=["tensor"]))
+    kind = data.draw(st.sampled_from(["is_causal", "tensor", "causal_tensor"]))
     B, S = layout.image.shape
+    causal = kind == "is_causal"
+    if kind == "tensor":
+        base = data.draw(base_masks(layout, am, H, kinds=["tensor"]))
+    elif kind == "causal_tensor":  # what transformers materializes: causal, and padding in some rows
+        m = torch.ones(S, S, dtype=torch.bool).tril().expand(B, 1, S, S).clone()
+        if data.draw(st.booleans()):
+            m &= am.bool()[:, None, None, :]
+        base = BaseMask.from_tensor(m)
+    else:
+        base = BaseMask()
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 1000)))
     q = torch.randn(B, H, S, 8, generator=g)
     k, v = torch.randn(2, B, kv, S, 8, generator=g)
