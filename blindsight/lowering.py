@@ -40,12 +40,16 @@ def _segments(img: torch.Tensor) -> list[tuple[int, int, int]]:
     return list(zip(ids[starts].tolist(), pos[starts].tolist(), (pos[ends] + 1).tolist()))
 
 
-def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows: torch.Tensor, keys: torch.Tensor, is_causal: bool):
-    """The call's own mask on (rows x keys): bool or float ``[Hc|1, R, K]``, or None for no mask."""
+def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows, keys, is_causal: bool):
+    """The call's own mask on (rows x keys): bool or float ``[Hc|1, R, K]``, or None for no mask.
+
+    ``rows``/``keys`` None: all of them, without copying the S x S mask.
+    """
     if attn_mask is not None:
         m = attn_mask[b if attn_mask.shape[0] > 1 else 0]
         m = m[heads] if m.shape[0] > 1 else m
-        return m[:, rows][:, :, keys]
+        m = m if rows is None else m[:, rows]
+        return m if keys is None else m[:, :, keys]
     if is_causal:
         return (keys[None, :] <= rows[:, None])[None]
     return None
@@ -165,7 +169,7 @@ def segment_attention(
                 continue
             qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
             if rows is None:
-                mask = None if mask_b is None else _base_rows(mask_b, b, hs, all_keys, all_keys, False)
+                mask = _base_rows(mask_b, b, hs, None, None, False)
                 res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if mask is None else mask[None],
                                                      is_causal=mask_b is None and causal_b, scale=scale)
                 out[b, hs] = res[0]
@@ -180,7 +184,7 @@ def segment_attention(
                 for run in _text_runs(rows, mask_b is None and causal_b):
                     # causal: a text run sees only the keys up to its own end
                     keys = all_keys[: int(run[-1]) + 1] if mask_b is None and causal_b else all_keys
-                    mask = _base_rows(mask_b, b, hs, run, keys, causal_b)
+                    mask = _base_rows(mask_b, b, hs, run, None if keys is all_keys else keys, causal_b)
                     res = F.scaled_dot_product_attention(qh[:, :, run], kh[:, :, keys], vh[:, :, keys],
                                                          attn_mask=_4d(mask), scale=scale)
                     out[b, hs[:, None], run[None, :]] = res[0]
