@@ -9,7 +9,7 @@ import sys
 from .layout import Layout, Template
 from .profile import Category, Profile
 
-# Qwen2-VL-2B's language model and its template: the built-in example of `blindsight demo`.
+# Qwen2-VL-2B's language model and its template: the built-in example of `blindsight flops`.
 QWEN2_VL_2B_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
                         num_key_value_heads=2, vocab_size=151936)
 DEMO_LAYOUT = "text:64,(image:496,text:16)x16,text:80"
@@ -27,7 +27,7 @@ def parse_mix(mix: str, num_heads: int) -> list[Category]:
     return heads
 
 
-def cmd_demo(args) -> int:
+def cmd_flops(args) -> int:
     from transformers import Qwen2VLConfig
 
     from .flops import prefill_flops
@@ -61,7 +61,7 @@ def cmd_demo(args) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"BlindSight demo: {result['model']}")
+    print(f"BlindSight FLOP accounting: {result['model']}")
     print(f"layout {args.layout}: {layout.seq_len} tokens, {result['images']} images; heads per layer: {args.mix}")
     print(f"{'category':<12}{'heads':>6}{'kept pairs':>12}{'tile density':>14}")
     for c in Category:
@@ -72,6 +72,48 @@ def cmd_demo(args) -> int:
           f"{flops.attention.ideal_speedup:.2f}x); whole LM prefill FLOPs: -{100 * flops.reduction:.1f}%")
     if args.png:
         print(f"masks of {args.picture_layout} drawn to {args.png}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import DemoConfig, format_report, run
+
+    cfg = DemoConfig(calibration_samples=args.calibration_samples, benchmark_samples=args.samples,
+                     threshold=args.threshold, repeat=args.repeat, png=args.png or None, progress=not args.json)
+    result = run(cfg)
+    if args.json:
+        result.pop("profile_summary")
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_report(result))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import jsonl_records
+    from .evaluate import evaluate, jsonl_examples, load_processor
+
+    for _ in jsonl_records(args.data):  # validate the whole file before loading a model
+        pass
+    profile = Profile.load(args.profile)
+    model = load_model(args.model, args.dtype, args.device)
+    profile.check_model(model)
+    processor = load_processor(args.model)
+    pad_id = model.generation_config.pad_token_id or 0
+    examples = jsonl_examples(args.data, processor, model.config.model_type, args.samples, args.pad_to, pad_id)
+    thresholds = [None] if not args.thresholds else [float(t) for t in args.thresholds.split(",")]
+    dense, results = evaluate(model, examples, profile, thresholds, progress=not args.json)
+    if args.json:
+        print(json.dumps({"samples": len(examples), "accuracy_dense": dense,
+                          "results": [vars(r) for r in results]}, indent=1))
+        return 0
+    print(f"{len(examples)} prompts from {args.data}; dense accuracy {100 * dense:.1f}%")
+    print(f"{'threshold':>10}{'accuracy':>10}{'delta':>8}{'attn FLOPs':>12}{'prefill FLOPs':>15}  heads d/x/i/s")
+    for r in results:
+        th = "profile" if r.threshold is None else f"{r.threshold:g}"
+        heads = "/".join(str(v) for v in r.categories.values())
+        print(f"{th:>10}{100 * r.accuracy:>9.1f}%{100 * (r.accuracy - dense):>+7.1f}"
+              f"{-100 * r.attention_flop_reduction:>11.1f}%{-100 * r.prefill_flop_reduction:>14.1f}%  {heads}")
     return 0
 
 
@@ -110,9 +152,9 @@ def cmd_calibrate(args) -> int:
     if args.data == "synthetic":
         samples = synthetic_samples(model.config, args.samples or 8, seed=args.seed)
     else:
-        from transformers import AutoProcessor
+        from .evaluate import load_processor
 
-        processor = AutoProcessor.from_pretrained(args.model)
+        processor = load_processor(args.model)
         samples = jsonl_samples(args.data, processor, model.config.model_type, limit=args.samples)
     dense_layers = [int(x) for x in args.dense_layers.split(",")] if args.dense_layers else ()
     profile = calibrate(model, samples, thresholds=args.threshold, quantile=args.quantile,
@@ -169,13 +211,22 @@ def cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="blindsight", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the built-in example: layouts, masks and FLOP accounting")
-    d.add_argument("--layout", default=DEMO_LAYOUT, help="layout spec, e.g. 'text:64,(image:496,text:16)x16,text:80'")
-    d.add_argument("--mix", default=DEMO_MIX, help="categories of the 12 heads of every layer")
-    d.add_argument("--png", default="blindsight-masks.png", help="where to draw the category masks ('' for none)")
-    d.add_argument("--picture-layout", default="text:6,(image:14,text:3)x4,text:6")
+    d = sub.add_parser("demo", help="the shipped model: calibrate, accuracy dense vs BlindSight, FLOPs, prefill time")
+    d.add_argument("--samples", type=int, default=200, help="benchmark prompts (8 images each)")
+    d.add_argument("--calibration-samples", type=int, default=32)
+    d.add_argument("--threshold", type=float, default=0.95, help="recall a sparse category must keep")
+    d.add_argument("--repeat", type=int, default=5, help="timed prefill runs (median)")
+    d.add_argument("--png", default="blindsight-profile.png", help="where to draw the profile heatmap ('' for none)")
     d.add_argument("--json", action="store_true", help="print machine-readable numbers")
     d.set_defaults(func=cmd_demo)
+
+    f = sub.add_parser("flops", help="FLOP accounting of a layout and head mix (Qwen2-VL-2B shape), mask pictures")
+    f.add_argument("--layout", default=DEMO_LAYOUT, help="layout spec, e.g. 'text:64,(image:496,text:16)x16,text:80'")
+    f.add_argument("--mix", default=DEMO_MIX, help="categories of the 12 heads of every layer")
+    f.add_argument("--png", default="blindsight-masks.png", help="where to draw the category masks ('' for none)")
+    f.add_argument("--picture-layout", default="text:6,(image:14,text:3)x4,text:6")
+    f.add_argument("--json", action="store_true", help="print machine-readable numbers")
+    f.set_defaults(func=cmd_flops)
 
     c = sub.add_parser("calibrate", help="measure each head's recall on multi-image prompts and write a profile")
     c.add_argument("model", help="a directory saved by save_pretrained (or a Hub id already in the local cache)")
@@ -196,6 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--threshold", type=float, default=None, help="re-decide with this threshold first")
     i.add_argument("--png", default=None, help="draw a layers x heads heatmap")
     i.set_defaults(func=cmd_inspect)
+
+    e = sub.add_parser("eval", help="accuracy dense vs BlindSight on a multi-image QA JSONL, with a threshold sweep")
+    e.add_argument("model", help="a directory saved by save_pretrained (with its processor)")
+    e.add_argument("--profile", required=True, help="the model's profile JSON (from blindsight calibrate)")
+    e.add_argument("--data", required=True, help='JSONL: {"images": [...], "text": "... <image> ...", "answer": "..."}')
+    e.add_argument("--samples", type=int, default=None, help="first N prompts (default: all)")
+    e.add_argument("--thresholds", default="", help="comma-separated recall thresholds to re-decide the profile with")
+    e.add_argument("--pad-to", type=int, default=64, help="right-pad prompts to a multiple of this (fewer compiles)")
+    e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="compiled dense SDPA vs BlindSight: one layer's attention and a whole prefill")
     b.add_argument("--layout", default=DEMO_LAYOUT)

@@ -1,0 +1,128 @@
+"""``blindsight demo``: the shipped shapes model, calibrated, evaluated dense vs BlindSight, and timed.
+
+1. Load the shipped model and processor (``from_pretrained`` on the package's ``zoo/shapes-qwen2vl``).
+2. Calibrate on the ``calibration`` split (mixed 2-8 images) and draw the profile heatmap.
+3. Accuracy on the held-out ``benchmark`` split (8 images per prompt, one layout length): dense (eager SDPA,
+   the reference) vs BlindSight (language model compiled with ``blindsight_backend``).
+4. Attention and whole-prefill FLOP reductions on the benchmark's prompts.
+5. Prefill time of one benchmark prompt, language model compiled by Inductor dense vs with BlindSight
+   (vision tower eager in both), warm, median of ``repeat`` runs.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .backend import blindsight_backend, use_layout
+from .bench import _median_time
+from .calibrate import calibrate
+from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples
+from .layout import Layout, Template
+
+ZOO_MODEL = os.path.join(os.path.dirname(__file__), "zoo", "shapes-qwen2vl")
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    model: str = ZOO_MODEL
+    calibration_samples: int = 32
+    benchmark_samples: int = 200
+    benchmark_images: int = 8
+    threshold: float = 0.95
+    repeat: int = 5
+    png: str | None = "blindsight-profile.png"
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.calibration_samples < 1 or self.benchmark_samples < 1:
+            raise ValueError("calibration_samples and benchmark_samples must be >= 1")
+        if not 2 <= self.benchmark_images <= 9:
+            raise ValueError(f"benchmark_images must be in 2..9, got {self.benchmark_images}")
+        if self.repeat < 1:
+            raise ValueError("repeat must be >= 1")
+
+
+def load_zoo_model(path: str = ZOO_MODEL):
+    """The shipped model (float32, SDPA attention, eval mode) and its processor."""
+    from transformers import Qwen2VLForConditionalGeneration
+
+    from .zoo import ShapesProcessor
+
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"{path}: no trained model there; train one with `python -m blindsight.zoo.train --out {path}`")
+    model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
+    return model.eval(), ShapesProcessor.from_pretrained(path)
+
+
+def _prefill_time(model, ex: Example, template: Template | None, repeat: int) -> float:
+    """Median time of one prefill of ``ex`` (the layout is rebuilt per call, as a server would per prompt)."""
+    import contextlib
+
+    def once():
+        ctx = use_layout(Layout.from_input_ids(ex.inputs["input_ids"], template)) if template else contextlib.nullcontext()
+        with torch.no_grad(), ctx:
+            return model(**ex.inputs, logits_to_keep=1)
+
+    return _median_time(once, repeat)
+
+
+def run(cfg: DemoConfig = DemoConfig()) -> dict:
+    from .zoo.shapes import make_records
+
+    t0 = time.time()
+    model, processor = load_zoo_model(cfg.model)
+    cal = [dict(processor(text=[r["text"]], images=r["images"])) for r in make_records("calibration", cfg.calibration_samples)]
+    profile = calibrate(model, cal, thresholds=cfg.threshold, progress=cfg.progress,
+                        source=f"blindsight.zoo.shapes calibration split, {cfg.calibration_samples} prompts")
+    if cfg.png:
+        from .viz import plot_profile
+
+        plot_profile(profile, cfg.png)
+    records = make_records("benchmark", cfg.benchmark_samples, min_images=cfg.benchmark_images,
+                           max_images=cfg.benchmark_images)
+    examples = make_examples(processor, records, "qwen2_vl", pad_to=1)
+    dense_hits = accuracy(model, examples, progress=cfg.progress, desc="dense accuracy")
+    template = Template.from_dict(profile.model.template)
+    with compiled_language_model(model, blindsight_backend(profile)):
+        sparse_hits = accuracy(model, examples, template, cfg.progress, desc="blindsight accuracy")
+        t_sparse = _prefill_time(model, examples[0], template, cfg.repeat)
+    with compiled_language_model(model, "inductor"):
+        t_dense = _prefill_time(model, examples[0], None, cfg.repeat)
+    att, pre = flop_reductions(examples, profile, model.config)
+    n = len(examples)
+    return {
+        "model": cfg.model,
+        "profile": {c.json_name: k for c, k in profile.counts().items()},
+        "profile_summary": profile.summary(),
+        "benchmark": f"{n} prompts x {cfg.benchmark_images} images, {examples[0].prompt_len} prompt tokens",
+        "attention_flop_reduction": att,
+        "prefill_flop_reduction": pre,
+        "accuracy_dense": sum(dense_hits) / n,
+        "accuracy_blindsight": sum(sparse_hits) / n,
+        "accuracy_by_task": {"dense": by_task(examples, dense_hits), "blindsight": by_task(examples, sparse_hits)},
+        "prefill_ms_dense": 1e3 * t_dense,
+        "prefill_ms_blindsight": 1e3 * t_sparse,
+        "prefill_speedup": t_dense / t_sparse,
+        "png": cfg.png,
+        "seconds": time.time() - t0,
+    }
+
+
+def format_report(r: dict) -> str:
+    lines = [r["profile_summary"], f"benchmark: {r['benchmark']}",
+             f"attention FLOPs -{100 * r['attention_flop_reduction']:.1f}%, whole prefill FLOPs "
+             f"-{100 * r['prefill_flop_reduction']:.1f}%",
+             f"{'task':<8}{'dense':>8}{'blindsight':>12}"]
+    for task, acc in r["accuracy_by_task"]["dense"].items():
+        lines.append(f"{task:<8}{100 * acc:>7.1f}%{100 * r['accuracy_by_task']['blindsight'][task]:>11.1f}%")
+    lines.append(f"{'all':<8}{100 * r['accuracy_dense']:>7.1f}%{100 * r['accuracy_blindsight']:>11.1f}%")
+    lines.append(f"prefill (compiled language model): dense {r['prefill_ms_dense']:.1f} ms, BlindSight "
+                 f"{r['prefill_ms_blindsight']:.1f} ms ({r['prefill_speedup']:.2f}x)")
+    if r["png"]:
+        lines.append(f"profile heatmap written to {r['png']}")
+    lines.append(f"({r['seconds']:.0f} s in all)")
+    return "\n".join(lines)

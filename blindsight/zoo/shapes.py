@@ -1,0 +1,157 @@
+"""Synthetic multi-image question answering: shapes drawn on small images, questions whose answers need several.
+
+Every image holds one shape (circle, square, triangle or cross) of one colour at a random place and size. A
+prompt shows 2-8 images, each after a text label (``image 3 :``), then one question; every answer is one word:
+- ``find``: "which image shows a red circle ?" -> the only image holding that colour and shape ("1".."8");
+- ``count``: "how many images show red shapes ?" / "how many images show a circle ?" -> "0".."8";
+- ``same``: "do image 2 and 5 match ?" -> "yes" when both hold the same colour and shape (place and size differ);
+- ``color`` / ``shape``: "what color is in image 3 ?" -> the colour (or shape) of that image.
+All questions are six words long, so prompts with the same number of images have the same length.
+
+Records are what ``blindsight eval`` reads (``images``, ``text`` with ``<image>`` markers, ``answer``), with the
+images as PIL images in memory (``write_jsonl`` saves them as PNG files). Everything is drawn from a
+``numpy`` generator seeded per split: the same seed gives the same records.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+__all__ = ["COLORS", "SHAPES", "TASKS", "SPLITS", "IMAGE_SIZE", "render", "make_record", "make_records",
+           "write_jsonl", "vocabulary", "prompt_text"]
+
+IMAGE_SIZE = 96
+COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "yellow": (240, 220, 40),
+          "purple": (160, 60, 200), "cyan": (40, 210, 220)}
+SHAPES = ("circle", "square", "triangle", "cross")
+TASKS = ("find", "count", "same", "color", "shape")
+# fixed seeds: the training, calibration and benchmark prompts never overlap in how they are drawn
+SPLITS = {"train": 1, "calibration": 2, "benchmark": 3}
+IMAGE_MARKER = "<image>"
+
+
+def render(color: str, shape: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> Image.Image:
+    """One shape of ``color`` at a random place and size on a dark, slightly noisy background."""
+    bg = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
+    img = Image.fromarray(bg)
+    d = ImageDraw.Draw(img)
+    r = int(rng.integers(size // 7, size // 4))  # half-width of the shape
+    cx, cy = (int(v) for v in rng.integers(r + 2, size - r - 2, size=2))
+    fill = COLORS[color]
+    if shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "square":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    elif shape == "cross":
+        w = max(2, r // 3)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; known: {SHAPES}")
+    return img
+
+
+def _question(task: str, items: list[tuple[str, str]], rng: np.random.Generator) -> tuple[list[tuple[str, str]], str, str]:
+    """(possibly adjusted items, question, answer) for one task over the images' (colour, shape) items."""
+    n = len(items)
+    colors, shapes = list(COLORS), list(SHAPES)
+    if task == "find":
+        target = (colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))])
+        where = int(rng.integers(n))
+        items = [it if it != target else _other(target, rng) for it in items]
+        items[where] = target
+        return items, f"which image shows a {target[0]} {target[1]} ?", str(where + 1)
+    if task == "count":
+        if rng.random() < 0.5:
+            c = colors[rng.integers(len(colors))]
+            k = int(rng.integers(0, n + 1))  # the count is uniform over 0..n, not skewed to small numbers
+            chosen = set(rng.choice(n, size=k, replace=False).tolist())
+            items = [(c, s) if i in chosen else (_other_color(c, rng), s) for i, (_, s) in enumerate(items)]
+            return items, f"how many images show {c} shapes ?", str(k)
+        s = shapes[rng.integers(len(shapes))]
+        k = int(rng.integers(0, n + 1))
+        chosen = set(rng.choice(n, size=k, replace=False).tolist())
+        items = [(c, s) if i in chosen else (c, _other_shape(s, rng)) for i, (c, _) in enumerate(items)]
+        return items, f"how many images show a {s} ?", str(k)
+    if task == "same":
+        i, j = (int(x) for x in rng.choice(n, size=2, replace=False))
+        if rng.random() < 0.5:
+            items[j] = items[i]
+        elif items[j] == items[i]:
+            items[j] = _other(items[i], rng)
+        return items, f"do image {i + 1} and {j + 1} match ?", "yes" if items[i] == items[j] else "no"
+    if task in ("color", "shape"):
+        i = int(rng.integers(n))
+        return items, f"what {task} is in image {i + 1} ?", items[i][0 if task == "color" else 1]
+    raise ValueError(f"unknown task {task!r}; known: {TASKS}")
+
+
+def _other_color(c, rng):
+    rest = [x for x in COLORS if x != c]
+    return rest[rng.integers(len(rest))]
+
+
+def _other_shape(s, rng):
+    rest = [x for x in SHAPES if x != s]
+    return rest[rng.integers(len(rest))]
+
+
+def _other(item, rng):
+    return (_other_color(item[0], rng), item[1]) if rng.random() < 0.5 else (item[0], _other_shape(item[1], rng))
+
+
+def prompt_text(num_images: int, question: str) -> str:
+    """``image 1 : <image> image 2 : <image> ... question : ... answer :``"""
+    labels = " ".join(f"image {i + 1} : {IMAGE_MARKER}" for i in range(num_images))
+    return f"{labels} question : {question} answer :"
+
+
+def make_record(rng: np.random.Generator, num_images: int, task: str | None = None) -> dict:
+    """One prompt: ``{"images": [PIL images], "text", "answer", "task", "items": [(colour, shape) per image]}``."""
+    task = task or TASKS[rng.integers(len(TASKS))]
+    colors, shapes = list(COLORS), list(SHAPES)
+    items = [(colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))]) for _ in range(num_images)]
+    items, question, answer = _question(task, items, rng)
+    images = [render(c, s, rng) for c, s in items]
+    return {"images": images, "text": prompt_text(num_images, question), "answer": answer, "task": task,
+            "items": items}
+
+
+def make_records(split: str, num: int, *, min_images: int = 2, max_images: int = 8, seed: int | None = None) -> list[dict]:
+    """``num`` records of a split (its own fixed seed unless ``seed`` is given), 2-8 images each by default."""
+    if split not in SPLITS and seed is None:
+        raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)} (or pass seed=)")
+    if not 2 <= min_images <= max_images <= 9:
+        raise ValueError(f"need 2 <= min_images <= max_images <= 9 (one-digit answers), got {min_images}, {max_images}")
+    rng = np.random.default_rng(SPLITS[split] if seed is None else seed)
+    return [make_record(rng, int(rng.integers(min_images, max_images + 1))) for _ in range(num)]
+
+
+def write_jsonl(records: list[dict], path: str | os.PathLike) -> str:
+    """Save records as a JSONL file with PNG images next to it (the format ``blindsight eval`` reads)."""
+    path = os.fspath(path)
+    folder = os.path.splitext(path)[0] + "-images"
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        for n, rec in enumerate(records):
+            names = []
+            for i, img in enumerate(rec["images"]):
+                name = os.path.join(os.path.basename(folder), f"{n:05d}-{i}.png")
+                img.save(os.path.join(os.path.dirname(os.path.abspath(path)), name))
+                names.append(name)
+            f.write(json.dumps({"images": names, "text": rec["text"], "answer": rec["answer"], "task": rec["task"]}) + "\n")
+    return path
+
+
+def vocabulary() -> list[str]:
+    """Every word a prompt or answer can hold."""
+    words = ["image", ":", "question", "answer", "?", "which", "shows", "a", "how", "many", "images", "show",
+             "shapes", "do", "and", "match", "what", "color", "shape", "is", "in", "yes", "no"]
+    words += [str(i) for i in range(10)] + list(COLORS) + list(SHAPES)
+    return words

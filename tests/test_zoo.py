@@ -1,0 +1,149 @@
+"""The shipped shapes model: task generation, processor, training steps, the shipped weights, demo and eval."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from blindsight.zoo.shapes import COLORS, SHAPES, make_records, write_jsonl
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+def _answer_from_items(rec) -> str:
+    """The answer recomputed from what was drawn, parsing the question (independent of the generator)."""
+    items, q = rec["items"], rec["text"].split("question : ")[1].removesuffix(" answer :")
+    if m := re.fullmatch(r"which image shows a (\w+) (\w+) \?", q):
+        hits = [i + 1 for i, it in enumerate(items) if it == (m[1], m[2])]
+        assert len(hits) == 1, (q, items)
+        return str(hits[0])
+    if m := re.fullmatch(r"how many images show (\w+) shapes \?", q):
+        return str(sum(c == m[1] for c, _ in items))
+    if m := re.fullmatch(r"how many images show a (\w+) \?", q):
+        return str(sum(s == m[1] for _, s in items))
+    if m := re.fullmatch(r"do image (\d) and (\d) match \?", q):
+        return "yes" if items[int(m[1]) - 1] == items[int(m[2]) - 1] else "no"
+    if m := re.fullmatch(r"what (color|shape) is in image (\d) \?", q):
+        return items[int(m[2]) - 1][0 if m[1] == "color" else 1]
+    raise AssertionError(f"unexpected question {q!r}")
+
+
+def test_records_are_reproducible_and_answers_match_what_was_drawn():
+    a, b = make_records("benchmark", 60), make_records("benchmark", 60)
+    assert [r["text"] for r in a] == [r["text"] for r in b]
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for r, s in zip(a, b) for x, y in zip(r["images"], s["images"]))
+    assert [r["text"] for r in make_records("train", 20)] != [r["text"] for r in make_records("benchmark", 20)]
+    for rec in a:
+        assert 2 <= len(rec["images"]) <= 8 and rec["text"].count("<image>") == len(rec["images"])
+        assert rec["answer"] == _answer_from_items(rec)
+        # the drawn colour is the image's dominant bright colour
+        for img, (color, _) in zip(rec["images"], rec["items"]):
+            px = np.asarray(img).reshape(-1, 3)
+            bright = px[px.max(1) > 100]
+            assert (bright == COLORS[color]).all(1).mean() > 0.9
+    assert set(Counter(r["task"] for r in a)) == {"find", "count", "same", "color", "shape"}
+
+
+def test_processor_makes_qwen2_vl_inputs_and_round_trips(tmp_path):
+    from blindsight.zoo import ShapesProcessor
+    from blindsight.zoo.train import build_processor
+
+    p = build_processor()
+    recs = make_records("calibration", 2, min_images=3, max_images=3)
+    out = p([r["text"] for r in recs], images=[im for r in recs for im in r["images"]])
+    assert set(out) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
+    assert out["image_grid_thw"].tolist() == [[1, 12, 12]] * 6
+    assert out["pixel_values"].shape == (6 * 144, 3 * 2 * 8 * 8)
+    ids = p.token_ids()
+    assert (out["input_ids"] == ids["image_token_id"]).sum(-1).tolist() == [3 * 36] * 2
+    assert (out["mm_token_type_ids"] == (out["input_ids"] == ids["image_token_id"])).all()
+    p.save_pretrained(tmp_path)
+    q = ShapesProcessor.from_pretrained(tmp_path)
+    again = q([r["text"] for r in recs], images=[im for r in recs for im in r["images"]])
+    assert all(torch.equal(out[k], again[k]) for k in out)
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        p(["image 1 : <image> zebra ?"], images=recs[0]["images"][:1])
+    with pytest.raises(ValueError, match="2 image markers but 1 images"):
+        p(["<image> <image>"], images=recs[0]["images"][:1])
+
+
+def test_training_steps_lower_the_loss_on_a_fixed_batch():
+    from blindsight.zoo.train import answer_logits, build_model, build_processor, collate, train
+
+    p = build_processor()
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=1, mlp_ratio=2, patch_size=8, spatial_merge_size=2,
+                  temporal_patch_size=2, in_channels=3)
+    model = build_model(p, seed=0, text=small, vision=vision)
+    before = [t.detach().clone() for t in model.parameters()]
+    model, _, losses = train(None, steps=3, batch_size=2, max_images=3, model=model, processor=p, progress=False)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the same seed gives the same weights
+    again, _, losses2 = train(None, steps=3, batch_size=2, max_images=3, model=build_model(p, 0, small, vision),
+                              processor=p, progress=False)
+    assert losses2 == losses
+
+
+@pytest.fixture(scope="module")
+def zoo():
+    from blindsight.demo import load_zoo_model
+
+    return load_zoo_model()
+
+
+def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
+    from blindsight.evaluate import accuracy, by_task, make_examples
+
+    model, processor = zoo
+    examples = make_examples(processor, make_records("benchmark", 60, min_images=8, max_images=8), "qwen2_vl", pad_to=1)
+    hits = accuracy(model, examples)
+    acc = by_task(examples, hits)
+    # chance: always giving each task's most frequent answer in this sample
+    chance = {t: max(Counter(e.answer_ids.tolist()[0] for e in examples if e.task == t).values())
+              / sum(e.task == t for e in examples) for t in acc}
+    assert sum(hits) / len(hits) > 0.5, acc
+    assert all(acc[t] > chance[t] for t in acc), (acc, chance)
+
+
+def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
+    from blindsight.cli import main
+
+    png = tmp_path / "profile.png"
+    assert main(["demo", "--json", "--samples", "6", "--calibration-samples", "4", "--repeat", "1", "--png", str(png)]) == 0
+    r = json.loads(capsys.readouterr().out)
+    for k in ("attention_flop_reduction", "prefill_flop_reduction", "accuracy_dense", "accuracy_blindsight"):
+        assert 0.0 <= r[k] <= 1.0, (k, r[k])
+    assert r["prefill_speedup"] > 0 and png.stat().st_size > 0
+    assert sum(r["profile"].values()) == 16
+    assert (r["attention_flop_reduction"] > 0) == (r["profile"]["dense"] < 16)
+
+
+def test_eval_sweep_from_a_jsonl_file(zoo, tmp_path, capsys):
+    from blindsight.calibrate import calibrate
+    from blindsight.cli import main
+    from blindsight.demo import ZOO_MODEL
+
+    model, processor = zoo
+    cal = [dict(processor(text=[r["text"]], images=r["images"])) for r in make_records("calibration", 4)]
+    calibrate(model, cal, progress=False).save(tmp_path / "p.json")
+    data = write_jsonl(make_records("benchmark", 4, min_images=3, max_images=3), tmp_path / "bench.jsonl")
+    assert main(["eval", ZOO_MODEL, "--profile", str(tmp_path / "p.json"), "--data", data,
+                 "--thresholds", "0.5,1.0", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["samples"] == 4 and [x["threshold"] for x in r["results"]] == [0.5, 1.0]
+    # threshold 1.0 keeps only heads that lose nothing: fewer sparse heads, never more FLOPs saved
+    lo, hi = r["results"]
+    assert hi["categories"]["dense"] >= lo["categories"]["dense"]
+    assert hi["attention_flop_reduction"] <= lo["attention_flop_reduction"] + 1e-12
+    # a record without an answer is refused with its line number
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(open(data).readline().replace('"answer": "', '"answer": "" , "x": "'))
+    with pytest.raises(Exception, match="line 1"):
+        main(["eval", ZOO_MODEL, "--profile", str(tmp_path / "p.json"), "--data", str(bad)])
