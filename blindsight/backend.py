@@ -347,14 +347,13 @@ class GraphRunner:
     """The callable Dynamo gets for one graph: picks sparse or dense per call and counts why."""
 
     def __init__(self, gm, example_inputs, backend: "BlindSightBackend"):
-        from torch._inductor.compile_fx import compile_fx
-
         profile, options = backend.profile, backend.options
         self.backend, self.options = backend, options
         self.scan = find_sites(gm, profile)
         self.ids_at = _placeholder_index(gm, "input_ids")
         self.mask_at = _placeholder_index(gm, "attention_mask")
-        self.dense = compile_fx(gm, example_inputs) if options.compile_dense else gm.forward
+        # compiled at its first call: a prefill-only workload whose calls are all sparse never compiles it
+        self._dense, self._gm = (None, gm) if options.compile_dense else (gm.forward, None)
         self.lowering = options.lowering_for(_val(self.scan.sites[0].node).device) if self.scan.sites else None
         self.rewritten = (rewrite_sites(gm, self.scan, profile, options.block_size, self.lowering)
                           if self.scan.sites else None)
@@ -387,6 +386,14 @@ class GraphRunner:
         count("sparse_calls", len(self.scan.sites))
         count(f"lowering.{self.lowering}", len(self.scan.sites))
         return self.sparse(*args, *extra)
+
+    def dense(self, *args):
+        if self._dense is None:
+            from torch._inductor.compile_fx import compile_fx
+
+            count("dense_compiles")
+            self._dense, self._gm = compile_fx(self._gm, list(args)), None
+        return self._dense(*args)
 
     def _fallback(self, reason: str, n: int) -> None:
         count(f"fallback.{reason}", n)

@@ -86,8 +86,8 @@ def test_bad_jsonl_names_the_line(tmp_path, model_dir):
     assert [n for n, _ in jsonl_records(_write(tmp_path, [good, good]))] == [1, 2]
 
 
-def test_demo_json_is_well_formed(capsys, tmp_path):
-    assert main(["demo", "--json", "--png", str(tmp_path / "m.png")]) == 0
+def test_flops_json_is_well_formed(capsys, tmp_path):
+    assert main(["flops", "--json", "--png", str(tmp_path / "m.png")]) == 0
     d = json.loads(capsys.readouterr().out)
     assert 0 < d["prefill_flop_reduction"] < d["attention_flop_reduction"] < 1
     assert d["tokens"] == 8336 and d["images"] == 16

@@ -155,3 +155,23 @@ def vocabulary() -> list[str]:
              "shapes", "do", "and", "match", "what", "color", "shape", "is", "in", "yes", "no"]
     words += [str(i) for i in range(10)] + list(COLORS) + list(SHAPES)
     return words
+
+
+def main(argv=None) -> int:
+    """``python -m blindsight.zoo.shapes --split benchmark --num 200 --images 8 --out bench.jsonl``"""
+    import argparse
+
+    p = argparse.ArgumentParser(description="write a split of the shapes tasks as JSONL + PNG images")
+    p.add_argument("--split", default="benchmark", choices=sorted(SPLITS))
+    p.add_argument("--num", type=int, default=200)
+    p.add_argument("--images", default="8", help="images per prompt: N, or MIN-MAX")
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    lo, _, hi = args.images.partition("-")
+    path = write_jsonl(make_records(args.split, args.num, min_images=int(lo), max_images=int(hi or lo)), args.out)
+    print(f"{args.num} prompts written to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
