@@ -106,6 +106,35 @@ def _other(item, rng):
     return (_other_color(item[0], rng), item[1]) if rng.random() < 0.5 else (item[0], _other_shape(item[1], rng))
 
 
+def follow_up_questions(items: list[tuple[str, str]], rng: np.random.Generator, num: int) -> list[tuple[str, str]]:
+    """``num`` more (question, answer) pairs about the same images, answered from ``items`` as drawn (for
+    training with several questions per prompt: more supervision per forward pass)."""
+    n, out = len(items), []
+    for _ in range(num):
+        task = TASKS[rng.integers(len(TASKS))]
+        if task == "find":
+            unique = [i for i, it in enumerate(items) if items.count(it) == 1]
+            if unique:
+                i = unique[rng.integers(len(unique))]
+                out.append((f"which image shows a {items[i][0]} {items[i][1]} ?", str(i + 1)))
+                continue
+            task = "color"
+        if task == "count":
+            if rng.random() < 0.5:
+                c = list(COLORS)[rng.integers(len(COLORS))]
+                out.append((f"how many images show {c} shapes ?", str(sum(x == c for x, _ in items))))
+            else:
+                sh = SHAPES[rng.integers(len(SHAPES))]
+                out.append((f"how many images show a {sh} ?", str(sum(x == sh for _, x in items))))
+        elif task == "same":
+            i, j = (int(x) for x in rng.choice(n, size=2, replace=False))
+            out.append((f"do image {i + 1} and {j + 1} match ?", "yes" if items[i] == items[j] else "no"))
+        else:
+            i = int(rng.integers(n))
+            out.append((f"what {task} is in image {i + 1} ?", items[i][0 if task == "color" else 1]))
+    return out
+
+
 def prompt_text(num_images: int, question: str) -> str:
     """``image 1 : <image> image 2 : <image> ... question : ... answer :``"""
     labels = " ".join(f"image {i + 1} : {IMAGE_MARKER}" for i in range(num_images))

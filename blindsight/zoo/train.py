@@ -2,7 +2,8 @@
 
 ``python -m blindsight.zoo.train --out DIR`` trains from scratch on the ``train`` split of
 :mod:`blindsight.zoo.shapes` (drawn on the fly from its fixed seed) and saves model and processor with
-``save_pretrained``. The loss is the cross-entropy of the one-word answer after ``answer :``. Batches are
+``save_pretrained``. The loss is the cross-entropy of every one-word answer after ``answer :`` (the prompt's own
+question and ``follow_ups`` more about the same images). Batches are
 right-padded without an attention mask: the model is causal and reads only the last real position, so the
 padding after it changes nothing that is used, and SDPA keeps its fast causal path.
 Seeds are fixed (weights, data, dropout-free model): the same command gives the same weights on the same
@@ -19,9 +20,9 @@ import numpy as np
 import torch
 
 from .processor import ShapesProcessor
-from .shapes import IMAGE_SIZE, make_record, vocabulary
+from .shapes import IMAGE_SIZE, follow_up_questions, make_record, vocabulary
 
-__all__ = ["ModelSize", "build_processor", "build_model", "collate", "train"]
+__all__ = ["ModelSize", "build_processor", "build_model", "collate", "image_targets", "train"]
 
 PATCH_SIZE = 8  # 96 x 96 images: a 12 x 12 patch grid, 36 tokens per image after the 2 x 2 merge
 
@@ -58,26 +59,56 @@ def build_model(processor: ShapesProcessor, seed: int = 0, text: dict | None = N
     return model
 
 
-def collate(processor: ShapesProcessor, records: list[dict]) -> tuple[dict, torch.Tensor, torch.Tensor]:
-    """(model inputs without attention mask, index of each row's last real token, answer token ids)."""
-    enc = processor([r["text"] for r in records], images=[im for r in records for im in r["images"]])
-    last = enc.pop("attention_mask").sum(-1) - 1
-    answers = torch.tensor(processor.tokenizer.convert_tokens_to_ids([r["answer"] for r in records]))
-    return dict(enc), last, answers
+def collate(processor: ShapesProcessor, records: list[dict], follow_ups: list[list[tuple[str, str]]] | None = None):
+    """(model inputs without attention mask, (row, position) of every ``answer :``, answer token ids).
+
+    Each prompt is followed by its answer and then by its ``follow_ups`` as ``question : Q answer : A``; the
+    model is trained to predict every answer from the tokens before it.
+    """
+    follow_ups = follow_ups or [[] for _ in records]
+    texts = [r["text"] + " " + r["answer"] + "".join(f" question : {q} answer : {a}" for q, a in f)
+             for r, f in zip(records, follow_ups)]
+    enc = processor(texts, images=[im for r in records for im in r["images"]])
+    enc.pop("attention_mask")
+    ids = enc["input_ids"]
+    colon, answer = processor.tokenizer.convert_tokens_to_ids([":", "answer"])
+    at = ((ids[:, 1:-1] == colon) & (ids[:, :-2] == answer)).nonzero()  # (row, position of ":" - 1)
+    rows, pos = at[:, 0], at[:, 1] + 1
+    return dict(enc), (rows, pos), ids[rows, pos + 1]
 
 
-def answer_logits(model, inputs: dict, last: torch.Tensor) -> torch.Tensor:
-    """Logits of the token after each row's last real position, ``[B, vocab]``."""
+def image_targets(processor: ShapesProcessor, inputs: dict, records: list[dict]):
+    """Auxiliary targets inside each image: its last placeholder predicts its shape word, its closing
+    ``<|vision_end|>`` its colour word. (row, position) and token ids, images in prompt order."""
+    end = processor.token_ids()["vision_end_token_id"]
+    at = (inputs["input_ids"] == end).nonzero()  # row-major: images in prompt order
+    items = [it for r in records for it in r["items"]]
+    words = processor.tokenizer.convert_tokens_to_ids
+    rows = torch.cat([at[:, 0], at[:, 0]])
+    pos = torch.cat([at[:, 1] - 1, at[:, 1]])
+    return (rows, pos), torch.tensor(words([s for _, s in items]) + words([c for c, _ in items]))
+
+
+def answer_logits(model, inputs: dict, where: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Logits of the token after each (row, position), ``[N, vocab]``."""
     hidden = model.model(**inputs).last_hidden_state
-    return model.lm_head(hidden[torch.arange(len(last)), last])
+    return model.lm_head(hidden[where])
 
 
-def train(out: str | None, steps: int = 3000, batch_size: int = 32, lr: float = 2e-3, seed: int = 0,
-          min_images: int = 2, max_images: int = 8, model=None, processor=None, progress: bool = True,
-          log_every: int = 100) -> tuple[object, ShapesProcessor, list[float]]:
+def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+          min_images: int = 2, max_images: int = 8, follow_ups: int = 8, curriculum: float = 0.5, aux_weight: float = 0.5, model=None, processor=None,
+          progress: bool = True, log_every: int = 50) -> tuple[object, ShapesProcessor, list[float]]:
     """Train (or continue training ``model``) for ``steps`` AdamW steps; save to ``out`` if given.
 
-    Returns (model, processor, per-step losses). Cosine learning rate with 2% warm-up.
+    Each prompt carries ``follow_ups`` more questions about its images after its own (all answers are
+    trained): a single answer per prompt left the model at chance-level per-task priors after 600 steps.
+    The most images a batch may hold grows from ``min_images`` to ``max_images`` over the first ``curriculum``
+    fraction of the steps: from scratch on 2-8 images at once the model stayed at chance after 300 steps,
+    while on 2 images it learns to read an image's colour within 100. ``aux_weight`` weighs an auxiliary loss
+    inside each image (:func:`image_targets`): with the curriculum alone, first-question accuracy stayed at
+    chance (0.34) for 400 steps. It trains each image's last tokens to sum up that image, a training signal
+    only: the model and its inputs at inference are unchanged.
+    Returns (model, processor, per-step losses). Cosine learning rate with 4% warm-up.
     """
     from tqdm.auto import tqdm
 
@@ -87,24 +118,34 @@ def train(out: str | None, steps: int = 3000, batch_size: int = 32, lr: float = 
     model = model or build_model(processor, seed)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
-    warm = max(1, steps // 50)
+    warm = max(1, steps // 25)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     rng = np.random.default_rng(SPLITS["train"] + 1000 * seed)
     losses, hits, t0 = [], [], time.time()
     bar = tqdm(range(steps), desc="training", disable=not progress)
     for step in bar:
-        n = int(rng.integers(min_images, max_images + 1))  # one image count per batch: little padding
-        inputs, last, answers = collate(processor, [make_record(rng, n) for _ in range(batch_size)])
-        logits = answer_logits(model, inputs, last)
+        grown = min(1.0, step / max(1, curriculum * steps))
+        cap = min_images + round(grown * (max_images - min_images))
+        n = int(rng.integers(min_images, cap + 1))  # one image count per batch: little padding
+        records = [make_record(rng, n) for _ in range(batch_size)]
+        extra = [follow_up_questions(r["items"], rng, follow_ups) for r in records]
+        inputs, where, answers = collate(processor, records, extra)
+        aux_where, aux_targets = image_targets(processor, inputs, records)
+        both = answer_logits(model, inputs, (torch.cat([where[0], aux_where[0]]), torch.cat([where[1], aux_where[1]])))
+        logits = both[: len(answers)]
         loss = torch.nn.functional.cross_entropy(logits, answers)
+        if aux_weight:
+            loss = loss + aux_weight * torch.nn.functional.cross_entropy(both[len(answers):], aux_targets)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-        hits.append((logits.argmax(-1) == answers).float().mean().item())
+        first = torch.ones_like(where[0], dtype=torch.bool)
+        first[1:] = where[0][1:] != where[0][:-1]  # each prompt's own question, as evaluated
+        hits.append((logits.argmax(-1) == answers)[first].float().mean().item())
         if (step + 1) % log_every == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}", acc=f"{np.mean(hits[-log_every:]):.3f}",
                             min=f"{(time.time() - t0) / 60:.1f}")
@@ -118,14 +159,15 @@ def train(out: str | None, steps: int = 3000, batch_size: int = 32, lr: float = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory to save the model and processor to")
-    p.add_argument("--steps", type=int, default=3000)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--follow-ups", type=int, default=8, help="extra questions per training prompt")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)
     t = time.time()
-    train(args.out, args.steps, args.batch_size, args.lr, args.seed)
+    train(args.out, args.steps, args.batch_size, args.lr, args.seed, follow_ups=args.follow_ups)
     print(f"trained {args.steps} steps in {(time.time() - t) / 60:.1f} min; saved to {args.out}")
     return 0
 
