@@ -4,7 +4,8 @@ All timings are warm, in one process, the median of ``repeat`` runs. Reported:
 - ``speedup``: dense attention time / BlindSight attention time (one layer, as the backend lowers it);
 - ``ideal``: dense kept (q, k) pairs / BlindSight kept pairs (token level); ``efficiency`` = speedup / ideal;
 - ``tile_density``: fraction of FlexAttention tiles computed (partial + full) over all heads;
-- ``layout_overhead_ms``: per-prompt cost of a new layout (layout from ids + per-category tiles);
+- ``layout_overhead_ms``: per-prompt cost of a new layout (layout from ids + per-category tiles, or for the
+  segments lowering its per-layout plan);
 - ``prefill_speedup`` / ``prefill_ideal``: a whole language-model prefill (random weights), torch.compile
   dense vs with ``blindsight_backend``, and the FLOP ratio of that prefill;
 - ``recompiles_same_length``: after a warm-up prompt, compilations (Dynamo graphs + sparse graphs) caused by
@@ -22,6 +23,7 @@ import torch
 
 from .flops import attention_flops, prefill_flops
 from .layout import Layout, Template, input_ids_from_spec
+from .lowering import layout_plan
 from .masks import BaseMask, category_tiles, clear_block_mask_cache
 from .profile import ModelInfo, Profile
 
@@ -102,10 +104,15 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
     head_index = torch.tensor([int(c) for c in heads])
     computed = (partial | full)[head_index].float().mean().item()
 
-    # (b) per-prompt layout cost: layout from ids + per-category tiles, uncached
+    # (b) per-prompt layout cost: layout from ids + what the lowering derives from it, uncached
+    #     (flex: per-category tiles; segments: the fast path's plan: chunks, gather indices, masks)
     def new_layout():
         clear_block_mask_cache()
-        category_tiles(Layout.from_input_ids(ids, BENCH_TEMPLATE), BaseMask(), 128)
+        fresh = Layout.from_input_ids(ids, BENCH_TEMPLATE)
+        if lowering == "segments":
+            layout_plan(fresh.image[0], fresh.sink[0], [int(c) for c in heads], cfg.heads // cfg.kv_heads, dtype)
+        else:
+            category_tiles(fresh, BaseMask(), 128)
 
     t_layout = _median_time(new_layout, cfg.repeat, warmup=1)
     next(steps)

@@ -120,8 +120,9 @@ def _combine(base, keep: torch.Tensor | None):
 # estimated cost. All of it depends on the layout only, so it is computed once per layout (every layer
 # reuses it). Results are written into the output through strided views.
 
-_CALL_COST = 16 * 1024  # one more flash call costs about as much time as this many (rows x keys) pairs
-_PART_ROWS = 128  # own-block part height: smaller parts waste less of the triangle but make more calls
+_CALL_COST = 48 * 1024  # one more flash call costs about as much time as this many (rows x keys) pairs
+_PART_ROWS = 256  # own-block part height: smaller parts waste less of the triangle but make more calls
+_MASK_BUDGET = 1 << 25  # float mask elements a layout's plan may keep (128 MiB in float32); beyond: per call
 
 
 def _chunks(counts: list[int], n: list[int], cost=lambda rows, keys: rows * keys) -> list[tuple[int, int]]:
@@ -171,7 +172,7 @@ class _SegmentRun:
     L: int  # segment length
     sinks: int  # own sinks per segment (its first tokens)
     starts: list  # segment start positions
-    chunks: dict  # category -> [(segment lo, segment hi, key positions [m, K], [(row lo, row hi, keys, float mask)])]
+    chunks: dict  # category -> [[segment lo, segment hi, key positions [m, K], [(row lo, row hi, keys)], mask]]
 
 
 @dataclass
@@ -210,7 +211,7 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
             runs[-1].starts.append(s0)
         else:
             runs.append(_SegmentRun(s1 - s0, ns, [s0], {}))
-    tri = _lower_triangle(max([r.L for r in runs], default=1), str(img.device))
+    mask_elements = 0
     for run in runs:
         starts = torch.tensor(run.starts, device=img.device)
         L, ns = run.L, run.sinks
@@ -224,14 +225,25 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
                 nk, m = n[hi - 1], hi - lo
                 index = torch.cat([keys[c][:nk].expand(m, nk), starts[lo:hi, None] + torch.arange(own, device=img.device)], 1)
                 kept = torch.arange(nk, device=img.device)[None, :] < starts.new_tensor(n[lo:hi])[:, None]
-                keep = torch.cat([kept[:, None, :].expand(m, L, nk), tri[:L, :own].expand(m, L, own)], -1)
-                mask = torch.where(keep, 0.0, float("-inf")).to(dtype)[:, None]  # [m, 1, L, nk + own]
-                # a part's rows never keep own keys after its last row: left out of its call (mask: a view)
-                calls = [(r0, r1, nk + (own if c == Category.SINK else r1),
-                          mask[:, :, r0:r1, :nk + (own if c == Category.SINK else r1)]) for r0, r1 in parts]
-                chunks.append((lo, hi, index, calls))
+                # a part's rows never keep own keys after its last row: left out of its call
+                calls = [(r0, r1, nk + (own if c == Category.SINK else r1)) for r0, r1 in parts]
+                chunks.append([lo, hi, index, calls, (kept, own)])
+                mask_elements += m * L * (nk + own)
             run.chunks[c] = chunks
+    if mask_elements <= _MASK_BUDGET:  # else each call builds its chunk's mask (long images: O(L^2) each)
+        for run in runs:
+            for chunks in run.chunks.values():
+                for chunk in chunks:
+                    chunk[4] = _chunk_mask(*chunk[4], run.L, dtype)
     return _Plan(text, {}, keys, runs)
+
+
+def _chunk_mask(kept: torch.Tensor, own: int, L: int, dtype) -> torch.Tensor:
+    """Float mask ``[m, 1, L, nk + own]`` of a segment chunk: its prefix keys (``kept [m, nk]``), then own keys, causal."""
+    m, nk = kept.shape
+    tri = torch.arange(own, device=kept.device)[None, :] <= torch.arange(L, device=kept.device)[:, None]
+    keep = torch.cat([kept[:, None, :].expand(m, L, nk), tri.expand(m, L, own)], -1)
+    return torch.where(keep, 0.0, float("-inf")).to(dtype)[:, None]
 
 
 _PLANS: dict = {}
@@ -246,7 +258,19 @@ def _cached_plan(img, snk, cats, dtype) -> _Plan | None:
     plan = _plan(img, snk, cats, dtype)
     entries = _PLANS.setdefault(key, [])
     entries.insert(0, (img.clone(), snk.clone(), plan))
-    del entries[4:]
+    del entries[2:]
+    return plan
+
+
+def layout_plan(img: torch.Tensor, snk: torch.Tensor, heads: list[int], rep: int, dtype) -> _Plan | None:
+    """The fast path's whole per-layout plan for one batch row, uncached (what a new prompt layout costs)."""
+    cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
+    plan = _plan(img, snk, cats, dtype) if cats else None
+    if plan is not None and plan.text_rows.numel():
+        sparse = [int(c != Category.DENSE) for c in heads]
+        for h0, h1, _ in _head_groups(sparse, rep, True):
+            if sparse[h0] and h1 - h0 not in plan.text:
+                plan.text[h1 - h0] = _text_plan(plan.text_rows, dtype, h1 - h0)
     return plan
 
 
@@ -291,30 +315,40 @@ def _image_rows(qh, kk, vv, dst, c: int, plan: _Plan, scale: float) -> None:
     h, _, D = qh.shape
     for run in plan.runs:
         L, ns = run.L, run.sinks
-        for lo, hi, index, calls in run.chunks[c]:
+        sink_terms = []
+        for lo, hi, index, calls, mask in run.chunks[c]:
             starts, m = run.starts[lo:hi], hi - lo
             qs, ks, vs = _segments_of(qh, starts, L), kk[index], vv[index]
-            for r0, r1, nk, mask in calls:
+            mask = mask if isinstance(mask, torch.Tensor) else _chunk_mask(*mask, L, qh.dtype)
+            for r0, r1, nk in calls:
                 o, lse = _flash(qs[:, :, r0:r1], ks[:, None, :nk].expand(m, h, nk, D),
-                                vs[:, None, :nk].expand(m, h, nk, vv.shape[-1]), False, scale, mask)
-                if c == Category.SINK:  # and its own key, unless it is a sink (kept above)
-                    own_k, own_v = _segments_of(kk[None], starts, L), _segments_of(vv[None], starts, L)
-                    score = torch.linalg.vecdot(qs, own_k).float().mul_(scale)
-                    score[:, :, :ns] = float("-inf")
-                    total = torch.logaddexp(lse, score)
-                    o = torch.addcmul(o * torch.exp(lse - total).unsqueeze(-1).to(o.dtype), own_v,
-                                      torch.exp(score - total).unsqueeze(-1).to(o.dtype))
-                _write_segments(dst, starts, L, r0, r1, o)
+                                vs[:, None, :nk].expand(m, h, nk, vv.shape[-1]), False, scale, mask[:, :, r0:r1, :nk])
+                if c == Category.SINK:
+                    sink_terms.append((o, lse))
+                else:
+                    _write_segments(dst, run.starts[lo:hi], L, r0, r1, o)
+        if sink_terms:  # SINK rows also keep their own key, unless it is a sink (kept above): one merge per run
+            o = torch.cat([t[0] for t in sink_terms]) if len(sink_terms) > 1 else sink_terms[0][0]
+            lse = torch.cat([t[1] for t in sink_terms]) if len(sink_terms) > 1 else sink_terms[0][1]
+            own_k, own_v = _segments_of(kk[None], run.starts, L), _segments_of(vv[None], run.starts, L)
+            score = torch.linalg.vecdot(_segments_of(qh, run.starts, L), own_k).float().mul_(scale)
+            score[:, :, :ns] = float("-inf")
+            total = torch.logaddexp(lse, score)
+            o = torch.addcmul(o * torch.exp(lse - total).unsqueeze(-1).to(o.dtype), own_v,
+                              torch.exp(score - total).unsqueeze(-1).to(o.dtype))
+            _write_segments(dst, run.starts, L, 0, L, o)
 
 
 def _text_rows(qh, kk, vv, dst, tp: _TextPlan, scale: float) -> None:
     h, _, D = qh.shape
     qr = qh[:, tp.rows]
+    outs = []
     for r0, r1, nk, mask in tp.chunks:
         o, _ = _flash(qr[None, :, r0:r1], kk[None, None, :nk].expand(1, h, nk, D),
                       vv[None, None, :nk].expand(1, h, nk, vv.shape[-1]), False, scale,
                       None if mask is None else mask[None, None])
-        dst[:, tp.rows[r0:r1]] = o[0]
+        outs.append(o[0])
+    dst[:, tp.rows] = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
 
 def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: float) -> bool:

@@ -92,3 +92,12 @@ def test_fast_path_reuses_plan_across_layouts():
     assert a.seq_len == b.seq_len
     for layout in (a, b, a, b):
         _check(layout, ["intra", "sink", "intra_sink", "dense"], 2)
+
+
+def test_masks_built_per_call_beyond_the_budget(monkeypatch):
+    """A layout whose masks exceed the plan's budget builds them per call: same result."""
+    import blindsight.lowering as lowering
+
+    monkeypatch.setattr(lowering, "_MASK_BUDGET", 0)
+    monkeypatch.setattr(lowering, "_PLANS", {})
+    _check(Layout.from_spec("text:5,(image:300,text:3)x3,image:200,text:4", T2), ["sink", "intra", "dense", "intra_sink"], 2)
