@@ -4,9 +4,13 @@ All timings are warm, in one process, the median of ``repeat`` runs. Reported:
 - ``speedup``: dense attention time / BlindSight attention time (one layer, as the backend lowers it);
 - ``ideal``: dense kept (q, k) pairs / BlindSight kept pairs (token level); ``efficiency`` = speedup / ideal;
 - ``tile_density``: fraction of FlexAttention tiles computed (partial + full) over all heads;
-- ``layout_overhead_ms``: per-prompt cost of a new layout (layout from ids + per-category tiles);
+- ``layout_overhead_ms``: per-prompt cost of a new layout (layout from ids + per-category tiles, or for the
+  segments lowering its per-layout plan);
 - ``prefill_speedup`` / ``prefill_ideal``: a whole language-model prefill (random weights), torch.compile
-  dense vs with ``blindsight_backend``, and the FLOP ratio of that prefill.
+  dense vs with ``blindsight_backend``, and the FLOP ratio of that prefill;
+- ``recompiles_same_length``: after a warm-up prompt, compilations (Dynamo graphs + sparse graphs) caused by
+  ``recompile_prompts`` prompts of one length (``recompile_len`` tokens, fed as ``input_ids``, so the backend
+  reads each layout from the ids) whose images sit elsewhere, in other numbers and sizes. It must be 0.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import torch
 
 from .flops import attention_flops, prefill_flops
 from .layout import Layout, Template, input_ids_from_spec
+from .lowering import layout_plan
 from .masks import BaseMask, category_tiles, clear_block_mask_cache
 from .profile import ModelInfo, Profile
 
@@ -38,6 +43,8 @@ class BenchConfig:
     repeat: int = 5
     prefill: bool = True
     lowering: str = "auto"
+    recompile_prompts: int = 10
+    recompile_len: int = 1024
 
     def __post_init__(self):
         if self.heads % self.kv_heads:
@@ -46,6 +53,8 @@ class BenchConfig:
             raise ValueError("repeat must be >= 1")
         if self.lowering not in ("auto", "flex", "segments"):
             raise ValueError(f"lowering must be auto, flex or segments, got {self.lowering!r}")
+        if self.recompile_prompts < 0:
+            raise ValueError("recompile_prompts must be >= 0")
 
 
 def _median_time(fn, repeat: int, warmup: int = 2) -> float:
@@ -95,10 +104,15 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
     head_index = torch.tensor([int(c) for c in heads])
     computed = (partial | full)[head_index].float().mean().item()
 
-    # (b) per-prompt layout cost: layout from ids + per-category tiles, uncached
+    # (b) per-prompt layout cost: layout from ids + what the lowering derives from it, uncached
+    #     (flex: per-category tiles; segments: the fast path's plan: chunks, gather indices, masks)
     def new_layout():
         clear_block_mask_cache()
-        category_tiles(Layout.from_input_ids(ids, BENCH_TEMPLATE), BaseMask(), 128)
+        fresh = Layout.from_input_ids(ids, BENCH_TEMPLATE)
+        if lowering == "segments":
+            layout_plan(fresh.image[0], fresh.sink[0], [int(c) for c in heads], cfg.heads // cfg.kv_heads, dtype)
+        else:
+            category_tiles(fresh, BaseMask(), 128)
 
     t_layout = _median_time(new_layout, cfg.repeat, warmup=1)
     next(steps)
@@ -146,8 +160,46 @@ def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering
         with use_layout(layout):
             t_sparse = _median_time(lambda: sparse(inputs_embeds=emb), cfg.repeat)
     flops = prefill_flops(layout, profile, config)
-    return {"dense_prefill_s": t_dense, "blindsight_prefill_s": t_sparse, "prefill_speedup": t_dense / t_sparse,
-            "prefill_ideal": flops.ideal_speedup, "prefill_efficiency": t_dense / t_sparse / flops.ideal_speedup}
+    result = {"dense_prefill_s": t_dense, "blindsight_prefill_s": t_sparse, "prefill_speedup": t_dense / t_sparse,
+              "prefill_ideal": flops.ideal_speedup, "prefill_efficiency": t_dense / t_sparse / flops.ideal_speedup}
+    if cfg.recompile_prompts:
+        result.update(_recompiles(sparse, cfg.recompile_prompts, cfg.recompile_len))
+    return result
+
+
+def arrangements(length: int, n: int) -> list[str]:
+    """``n`` layout specs of ``length`` tokens, each with another number, size and place of images."""
+    specs = []
+    most = max(1, min(8, length // 64))
+    for i in range(n):
+        images = 1 + i % most
+        lead = 1 + 7 * i % max(1, length // 16)
+        size = (length - lead - 1 - 16 * images) // images - i // most  # each prompt: another size or place
+        if size < 3:
+            raise ValueError(f"recompile_len {length} is too short for {images} images")
+        tail = length - lead - images * (size + 16)
+        specs.append(f"text:{lead},(image:{size},text:16)x{images},text:{tail}")
+    return specs
+
+
+def _recompiles(model, n: int, length: int) -> dict:
+    """Compilations caused by ``n`` prompts of one length with images elsewhere, after a warm-up prompt."""
+    from .stats import stats
+
+    ids = [input_ids_from_spec(spec, BENCH_TEMPLATE) for spec in arrangements(length, n + 1)]
+
+    def compiles():
+        s = stats()
+        return s.get("graphs_compiled", 0) + s.get("sparse_compiles", 0), s.get("sparse_calls", 0)
+
+    with torch.no_grad():
+        model(input_ids=ids[0])  # warm-up: this length's graphs (dynamic=False)
+        before, calls = compiles()
+        for x in ids[1:]:
+            model(input_ids=x)
+        after, calls_after = compiles()
+    return {"recompiles_same_length": after - before, "recompile_prompts": n, "recompile_len": length,
+            "recompile_sparse_calls": calls_after - calls}
 
 
 def _steps(enabled: bool, total: int):
@@ -182,5 +234,8 @@ def format_table(r: dict) -> str:
              f"{r['prefill_speedup']:.2f}x / {r['prefill_ideal']:.2f}x / {r['prefill_efficiency']:.2f}"),
             ("layout overhead / sparse prefill", f"{100 * r['layout_overhead_fraction']:.2f}%"),
         ]
+    if "recompiles_same_length" in r:
+        rows.append((f"recompiles: {r['recompile_prompts']} prompts x {r['recompile_len']} tokens, images moved",
+                     f"{r['recompiles_same_length']} ({r['recompile_sparse_calls']} sparse calls)"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)

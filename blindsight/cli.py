@@ -202,7 +202,8 @@ def cmd_bench(args) -> int:
         shape = dict(heads=m.num_heads, kv_heads=m.num_kv_heads, head_dim=m.head_dim, layers=m.num_layers)
     cfg = BenchConfig(**{**dict(layout=args.layout, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
                                 dtype=args.dtype, mix=args.mix, layers=args.layers, hidden=args.hidden,
-                                repeat=args.repeat, prefill=not args.no_prefill, lowering=args.lowering), **shape})
+                                repeat=args.repeat, prefill=not args.no_prefill, lowering=args.lowering,
+                                recompile_prompts=args.recompile_prompts, recompile_len=args.recompile_len), **shape})
     result = run(cfg, profile, progress=not args.json)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
@@ -274,6 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeat", type=int, default=5, help="timed runs (median)")
     b.add_argument("--no-prefill", action="store_true", help="skip the whole-prefill measurement")
     b.add_argument("--lowering", default="auto", choices=["auto", "flex", "segments"])
+    b.add_argument("--recompile-prompts", type=int, default=10,
+                   help="prefill prompts of one length with images moved, counting compilations (0: skip)")
+    b.add_argument("--recompile-len", type=int, default=1024, help="their length in tokens")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p

@@ -1,7 +1,8 @@
 """The CPU lowering: exact attention per image segment over gathered keys, on SDPA's fused kernels.
 
 On CPU, Inductor's FlexAttention kernel is several times slower than SDPA's flash kernel even on dense
-tiles (DESIGN.md §7), so skipping tiles does not pay. Instead, for each head category:
+tiles (DESIGN.md §7), so skipping tiles does not pay. Causal calls (no mask, or an exactly causal bool mask)
+take the fast path described at ``_causal_row`` below. Any other call (a bool or float mask), per head category:
 - DENSE heads: one SDPA call over all rows, with the call's own mask (the fused kernel);
 - text query rows of sparse heads: one SDPA call over all keys (text queries keep every pair);
 - the rows of image segment i: one SDPA call over only the keys the category can keep for them: text keys,
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -63,44 +65,15 @@ def _text_runs(rows: torch.Tensor, split: bool) -> list[torch.Tensor]:
     return list(torch.tensor_split(rows, breaks.tolist()))
 
 
-def _flash(q, k, v, causal: bool, scale: float):
-    """(output, log-sum-exp) of SDPA's fused CPU kernel; ``causal`` aligns query and key starts."""
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
-    return out, lse
+def _flash(q, k, v, causal: bool, scale: float, mask=None):
+    """(output, log-sum-exp) of SDPA's fused CPU kernel; ``causal`` aligns query and key starts (top left).
 
-
-def _merge(terms):
-    """Attention over the union of disjoint key sets from each set's (output, log-sum-exp)."""
-    if len(terms) == 1:
-        return terms[0][0]
-    lse = torch.stack([t[1] for t in terms])
-    total = torch.logsumexp(lse, dim=0)
-    return sum(o * torch.exp(l - total).unsqueeze(-1).to(o.dtype) for o, l in terms)
-
-
-def _segment_causal(qh, kh, vh, c, i, s0, s1, text_rows, sinks, img, snk, scale):
-    """Rows of image segment i under a causal mask, category c: terms over disjoint key sets, merged.
-
-    Keys before the segment that the category keeps (text; other images' sinks for INTRA_SINK/SINK) are
-    visible to every row; the segment's own keys are causal (INTRA, INTRA_SINK), or for SINK its own sinks
-    (causal) plus each row's own key.
+    It reads q/k/v through their strides, so a KV head broadcast to several query heads (stride 0) is free.
+    A float ``mask`` is added to the scores; it does not skip work (every key block is computed).
     """
-    q = qh[:, :, s0:s1]
-    prefix = text_rows[text_rows < s0]
-    if c in (Category.INTRA_SINK, Category.SINK):
-        prefix = torch.cat([prefix, sinks[(sinks < s0) & (img[sinks] != i)]])
-    terms = []
-    if prefix.numel():
-        terms.append(_flash(q, kh[:, :, prefix], vh[:, :, prefix], False, scale))
-    if c != Category.SINK:
-        terms.append(_flash(q, kh[:, :, s0:s1], vh[:, :, s0:s1], True, scale))
-    else:
-        n_sinks = int(snk[s0:s1].sum())
-        terms.append(_flash(q, kh[:, :, s0:s0 + n_sinks], vh[:, :, s0:s0 + n_sinks], True, scale))
-        own = (q * kh[:, :, s0:s1]).sum(-1) * scale  # each row with its own key
-        own[:, :, :n_sinks] = float("-inf")  # those rows' own key is a sink, counted above
-        terms.append((vh[:, :, s0:s1], own.float()))
-    return _merge(terms)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, attn_mask=mask,
+                                                                          scale=scale)
+    return out, lse
 
 
 @functools.lru_cache(maxsize=2)
@@ -132,6 +105,279 @@ def _combine(base, keep: torch.Tensor | None):
     return base.masked_fill(~keep, float("-inf"))
 
 
+# ---- the causal fast path ----------------------------------------------------------------------------
+# A causal call (no mask, or an exactly causal bool mask) on CPU, per batch row. Every row's kept keys
+# outside its own image form a *prefix* of one sorted key list: text rows keep all positions up to
+# themselves; image rows keep the text (INTRA) or text + sinks (INTRA_SINK, SINK) before their segment.
+# - Text rows (the same in every sparse category) run as a few flash calls over row chunks, each over keys
+#   [0, n(last row)), with a float mask for the rows that keep fewer keys.
+# - Image rows run segment-batched: the segments of a run of equal-length segments are the batch dimension
+#   (a strided view of q, no copy), each with its own key list [prefix keys ; own segment keys] (a small
+#   gather) and a float mask (prefix length per segment, causal own block). The own block is split into
+#   parts of ~128 rows, each over own keys up to its end, so the upper triangle costs ~1/P of the block.
+#   SINK keeps only its own sinks and itself: [prefix ; own sinks], and the own key merged by log-sum-exp.
+# Row chunks and segment chunks trade wasted (masked) pairs for fewer calls: _chunks picks them by an
+# estimated cost. All of it depends on the layout only, so it is computed once per layout (every layer
+# reuses it). Results are written into the output through strided views.
+
+_CALL_COST = 48 * 1024  # one more flash call costs about as much time as this many (rows x keys) pairs
+_PART_ROWS = 256  # own-block part height: smaller parts waste less of the triangle but make more calls
+_MASK_BUDGET = 1 << 25  # float mask elements a layout's plan may keep (128 MiB in float32); beyond: per call
+
+
+def _chunks(counts: list[int], n: list[int], cost=lambda rows, keys: rows * keys) -> list[tuple[int, int]]:
+    """Split steps (``counts[i]`` rows keeping ``n[i]`` keys, n non-decreasing) into chunks ``(lo, hi)`` of steps.
+
+    A chunk costs ``cost(rows, keys of its last step)`` (the pairs one flash call computes, gaps included)
+    + _CALL_COST; exact dynamic programming.
+    """
+    ends = [0]
+    for c in counts:
+        ends.append(ends[-1] + c)
+    best, choice = [0.0], [0]
+    for j in range(1, len(n) + 1):
+        c, i = min((best[i] + cost(ends[j] - ends[i], n[j - 1]) + _CALL_COST, i) for i in range(j))
+        best.append(c)
+        choice.append(i)
+    out, j = [], len(n)
+    while j > 0:
+        out.append((choice[j], j))
+        j = choice[j]
+    return out[::-1]
+
+
+def _flash_cost(heads: int):
+    """Time of one flash call over (rows x keys) for ``heads`` heads, in pairs of the large-block kernel.
+
+    The CPU kernel splits the rows into blocks of 32 (< 192 rows), 64 (< 768) or 256, ~20/18/17 ns per pair
+    on this machine, and spreads (head, row block) items over the threads: few items leave a core idle.
+    """
+    threads = torch.get_num_threads()
+
+    def cost(rows: int, keys: int) -> float:
+        split, rate = (32, 1.2) if rows < 192 else (64, 1.07) if rows < 768 else (256, 1.0)
+        items = heads * -(-rows // split)
+        return -(-items // threads) * threads * min(split, rows) * keys * rate / heads
+    return cost
+
+
+@dataclass
+class _TextPlan:
+    rows: torch.Tensor  # text positions
+    chunks: list  # (row lo, row hi, number of keys, float mask [rows, keys] or None)
+
+
+@dataclass
+class _SegmentRun:
+    L: int  # segment length
+    sinks: int  # own sinks per segment (its first tokens)
+    starts: list  # segment start positions
+    chunks: dict  # category -> [[segment lo, segment hi, key positions [m, K], [(row lo, row hi, keys)], mask]]
+
+
+@dataclass
+class _Plan:
+    text_rows: torch.Tensor
+    text: dict  # number of heads per call -> _TextPlan (the best chunks depend on it)
+    keys: dict  # category -> sorted key positions outside images that it keeps (text, or text + sinks)
+    runs: list  # _SegmentRun
+
+
+def _text_plan(text: torch.Tensor, dtype, heads: int) -> _TextPlan:
+    # a text run's rows differ by a few keys: steps of whole runs, the run's own triangle masked
+    breaks = [0] + (((text[1:] - text[:-1]) != 1).nonzero().flatten() + 1).tolist() + [text.numel()]
+    counts = [b - a for a, b in zip(breaks, breaks[1:])]
+    n = [int(text[b - 1]) + 1 for b in breaks[1:]]
+    chunks = []
+    for lo, hi in _chunks(counts, n, _flash_cost(heads)):
+        r0, r1, nk = breaks[lo], breaks[hi], n[hi - 1]
+        keep = torch.arange(nk, device=text.device)[None, :] <= text[r0:r1, None]
+        mask = None if bool(keep.all()) else torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill_(~keep, float("-inf"))
+        chunks.append((r0, r1, nk, mask))
+    return _TextPlan(text, chunks)
+
+
+def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | None:
+    """The layout's plan, or None when sinks are not the first tokens of their segment (general path)."""
+    text = (img < 0).nonzero().flatten()
+    with_sinks = torch.sort(torch.cat([text, snk.nonzero().flatten()])).values
+    keys = {c: text if c == Category.INTRA else with_sinks for c in cats}
+    runs: list = []
+    for _, s0, s1 in _segments(img):
+        ns = int(snk[s0:s1].sum())
+        if not bool(snk[s0:s0 + ns].all()):
+            return None
+        if runs and runs[-1].L == s1 - s0 and runs[-1].sinks == ns:
+            runs[-1].starts.append(s0)
+        else:
+            runs.append(_SegmentRun(s1 - s0, ns, [s0], {}))
+    mask_elements = 0
+    for run in runs:
+        starts = torch.tensor(run.starts, device=img.device)
+        L, ns = run.L, run.sinks
+        for c in cats:
+            n = torch.searchsorted(keys[c], starts).tolist()  # keys before the segment
+            own = ns if c == Category.SINK else L  # SINK: its own sinks (and its own key, merged later)
+            parts = [(0, L)] if c == Category.SINK else [
+                (L * p // P, L * (p + 1) // P) for P in [max(1, round(L / _PART_ROWS))] for p in range(P)]
+            chunks = []
+            for lo, hi in _chunks([L] * len(n), n, lambda rows, keys: rows * keys + (len(parts) - 1) * _CALL_COST):
+                nk, m = n[hi - 1], hi - lo
+                index = torch.cat([keys[c][:nk].expand(m, nk), starts[lo:hi, None] + torch.arange(own, device=img.device)], 1)
+                kept = torch.arange(nk, device=img.device)[None, :] < starts.new_tensor(n[lo:hi])[:, None]
+                # a part's rows never keep own keys after its last row: left out of its call
+                calls = [(r0, r1, nk + (own if c == Category.SINK else r1)) for r0, r1 in parts]
+                chunks.append([lo, hi, index, calls, (kept, own)])
+                mask_elements += m * L * (nk + own)
+            run.chunks[c] = chunks
+    if mask_elements <= _MASK_BUDGET:  # else each call builds its chunk's mask (long images: O(L^2) each)
+        for run in runs:
+            for chunks in run.chunks.values():
+                for chunk in chunks:
+                    chunk[4] = _chunk_mask(*chunk[4], run.L, dtype)
+    return _Plan(text, {}, keys, runs)
+
+
+def _chunk_mask(kept: torch.Tensor, own: int, L: int, dtype) -> torch.Tensor:
+    """Float mask ``[m, 1, L, nk + own]`` of a segment chunk: its prefix keys (``kept [m, nk]``), then own keys, causal."""
+    m, nk = kept.shape
+    tri = torch.arange(own, device=kept.device)[None, :] <= torch.arange(L, device=kept.device)[:, None]
+    keep = torch.cat([kept[:, None, :].expand(m, L, nk), tri.expand(m, L, own)], -1)
+    return torch.where(keep, 0.0, float("-inf")).to(dtype)[:, None]
+
+
+_PLANS: dict = {}
+
+
+def _cached_plan(img, snk, cats, dtype) -> _Plan | None:
+    """The plan of this row's layout; one layout serves every layer of a forward, so keep the last few."""
+    key = (tuple(img.shape), str(img.device), cats, dtype)
+    for entry in _PLANS.get(key, ()):
+        if torch.equal(entry[0], img) and torch.equal(entry[1], snk):
+            return entry[2]
+    plan = _plan(img, snk, cats, dtype)
+    entries = _PLANS.setdefault(key, [])
+    entries.insert(0, (img.clone(), snk.clone(), plan))
+    del entries[2:]
+    return plan
+
+
+def layout_plan(img: torch.Tensor, snk: torch.Tensor, heads: list[int], rep: int, dtype) -> _Plan | None:
+    """The fast path's whole per-layout plan for one batch row, uncached (what a new prompt layout costs)."""
+    cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
+    plan = _plan(img, snk, cats, dtype) if cats else None
+    if plan is not None and plan.text_rows.numel():
+        sparse = [int(c != Category.DENSE) for c in heads]
+        for h0, h1, _ in _head_groups(sparse, rep, True):
+            if sparse[h0] and h1 - h0 not in plan.text:
+                plan.text[h1 - h0] = _text_plan(plan.text_rows, dtype, h1 - h0)
+    return plan
+
+
+def _head_groups(heads: list[int], rep: int, same_category: bool) -> list[tuple[int, int, int]]:
+    """(first head, end head, KV head): maximal runs of consecutive heads on one KV head (and category)."""
+    groups = []
+    for h, c in enumerate(heads):
+        g = groups[-1] if groups else None
+        if g and g[1] == h and g[2] == h // rep and (not same_category or heads[g[0]] == c):
+            groups[-1] = (g[0], h + 1, g[2])
+        else:
+            groups.append((h, h + 1, h // rep))
+    return groups
+
+
+def _segment_view(x: torch.Tensor, starts: list[int], L: int) -> torch.Tensor | None:
+    """``[n, h, L, D]`` strided view of the blocks ``x[:, s:s+L]`` of ``x [h, S, D]``, if evenly spaced."""
+    n = len(starts)
+    step = starts[1] - starts[0] if n > 1 else L
+    if step < L or any(b - a != step for a, b in zip(starts, starts[1:])):
+        return None
+    sh, ss, sd = x.stride()
+    return x.as_strided((n, x.shape[0], L, x.shape[2]), (step * ss, sh, ss, sd), x.storage_offset() + starts[0] * ss)
+
+
+def _segments_of(x, starts, L):
+    view = _segment_view(x, starts, L)
+    return view if view is not None else torch.stack([x[:, s:s + L] for s in starts])
+
+
+def _write_segments(dst, starts, L, r0, r1, src) -> None:
+    view = _segment_view(dst, starts, L)
+    if view is not None:
+        view[:, :, r0:r1].copy_(src)
+    else:
+        for i, s in enumerate(starts):
+            dst[:, s + r0:s + r1].copy_(src[i])
+
+
+def _image_rows(qh, kk, vv, dst, c: int, plan: _Plan, scale: float) -> None:
+    """Image rows of heads ``qh [h, S, D]`` (category c, one KV head ``kk``/``vv [S, D]``), written into ``dst``."""
+    h, _, D = qh.shape
+    for run in plan.runs:
+        L, ns = run.L, run.sinks
+        sink_terms = []
+        for lo, hi, index, calls, mask in run.chunks[c]:
+            starts, m = run.starts[lo:hi], hi - lo
+            qs, ks, vs = _segments_of(qh, starts, L), kk[index], vv[index]
+            mask = mask if isinstance(mask, torch.Tensor) else _chunk_mask(*mask, L, qh.dtype)
+            for r0, r1, nk in calls:
+                o, lse = _flash(qs[:, :, r0:r1], ks[:, None, :nk].expand(m, h, nk, D),
+                                vs[:, None, :nk].expand(m, h, nk, vv.shape[-1]), False, scale, mask[:, :, r0:r1, :nk])
+                if c == Category.SINK:
+                    sink_terms.append((o, lse))
+                else:
+                    _write_segments(dst, run.starts[lo:hi], L, r0, r1, o)
+        if sink_terms:  # SINK rows also keep their own key, unless it is a sink (kept above): one merge per run
+            o = torch.cat([t[0] for t in sink_terms]) if len(sink_terms) > 1 else sink_terms[0][0]
+            lse = torch.cat([t[1] for t in sink_terms]) if len(sink_terms) > 1 else sink_terms[0][1]
+            own_k, own_v = _segments_of(kk[None], run.starts, L), _segments_of(vv[None], run.starts, L)
+            score = torch.linalg.vecdot(_segments_of(qh, run.starts, L), own_k).float().mul_(scale)
+            score[:, :, :ns] = float("-inf")
+            total = torch.logaddexp(lse, score)
+            o = torch.addcmul(o * torch.exp(lse - total).unsqueeze(-1).to(o.dtype), own_v,
+                              torch.exp(score - total).unsqueeze(-1).to(o.dtype))
+            _write_segments(dst, run.starts, L, 0, L, o)
+
+
+def _text_rows(qh, kk, vv, dst, tp: _TextPlan, scale: float) -> None:
+    h, _, D = qh.shape
+    qr = qh[:, tp.rows]
+    outs = []
+    for r0, r1, nk, mask in tp.chunks:
+        o, _ = _flash(qr[None, :, r0:r1], kk[None, None, :nk].expand(1, h, nk, D),
+                      vv[None, None, :nk].expand(1, h, nk, vv.shape[-1]), False, scale,
+                      None if mask is None else mask[None, None])
+        outs.append(o[0])
+    dst[:, tp.rows] = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+
+
+def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: float) -> bool:
+    """Causal attention of batch row b, every head, written into ``out``; False if the layout needs the general path."""
+    S = q.shape[2]
+    cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
+    plan = _cached_plan(img, snk, cats, q.dtype) if cats and bool((img >= 0).any()) else None
+    if cats and plan is None and bool((img >= 0).any()):
+        return False
+    if plan is None:
+        heads = [int(Category.DENSE)] * len(heads)
+    for h0, h1, g in _head_groups(heads, rep, True):
+        c = heads[h0]
+        qh, kk, vv, dst = q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1]
+        if c == Category.DENSE:
+            o, _ = _flash(qh[None], kk[None, None].expand(1, h1 - h0, S, -1), vv[None, None].expand(1, h1 - h0, S, -1), True, scale)
+            dst.copy_(o[0])
+        else:
+            _image_rows(qh, kk, vv, dst, c, plan, scale)
+    if plan is not None and plan.text_rows.numel():  # text rows keep every earlier key, in every category
+        sparse = [int(c != Category.DENSE) for c in heads]
+        for h0, h1, g in _head_groups(sparse, rep, True):
+            if sparse[h0]:
+                if h1 - h0 not in plan.text:
+                    plan.text[h1 - h0] = _text_plan(plan.text_rows, q.dtype, h1 - h0)
+                _text_rows(q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1], plan.text[h1 - h0], scale)
+    return True
+
+
 @torch.library.custom_op("blindsight::segment_attention", mutates_args=())
 def segment_attention(
     q: torch.Tensor,
@@ -156,9 +402,11 @@ def segment_attention(
         mask_b, causal_b = attn_mask, is_causal
         if mask_b is not None and _is_plain_causal(mask_b, b):
             mask_b, causal_b = None, True  # transformers' materialized causal mask: same pairs, faster path
-        # causal rows on CPU: unmasked/causal flash calls merged by log-sum-exp
-        causal_cpu = mask_b is None and causal_b and q.device.type == "cpu"
         img, snk = image[b], sink[b]
+        # causal rows on CPU: the fast path (it declines a layout whose sinks do not open their segment)
+        if mask_b is None and causal_b and q.device.type == "cpu" and _causal_row(q, k, v, out, b, img, snk,
+                                                                                   heads, rep, scale):
+            continue
         segments = _segments(img)
         text_rows = (img < 0).nonzero().flatten()
         sinks = snk.nonzero().flatten()
@@ -173,13 +421,6 @@ def segment_attention(
                 res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if mask is None else mask[None],
                                                      is_causal=mask_b is None and causal_b, scale=scale)
                 out[b, hs] = res[0]
-            elif causal_cpu:
-                for run in _text_runs(rows, True):  # keys before the run: all visible; the run itself: causal
-                    t0, t1 = int(run[0]), int(run[-1]) + 1
-                    terms = [_flash(qh[:, :, t0:t1], kh[:, :, t0:t1], vh[:, :, t0:t1], True, scale)]
-                    if t0 > 0:
-                        terms.append(_flash(qh[:, :, t0:t1], kh[:, :, :t0], vh[:, :, :t0], False, scale))
-                    out[b, hs, t0:t1] = _merge(terms)[0]
             else:
                 for run in _text_runs(rows, mask_b is None and causal_b):
                     # causal: a text run sees only the keys up to its own end
@@ -194,9 +435,6 @@ def segment_attention(
             hs = (heads_t == c).nonzero().flatten()
             qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
             for i, s0, s1 in segments:
-                if causal_cpu:
-                    out[b, hs, s0:s1] = _segment_causal(qh, kh, vh, c, i, s0, s1, text_rows, sinks, img, snk, scale)[0]
-                    continue
                 rows = torch.arange(s0, s1, device=q.device)
                 parts = [text_rows]
                 if c in (Category.INTRA_SINK, Category.SINK):
