@@ -90,8 +90,8 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import jsonl_records
-    from .evaluate import evaluate, jsonl_examples, load_processor
+    from .data import jsonl_records, load_processor
+    from .evaluate import evaluate, jsonl_examples
 
     for _ in jsonl_records(args.data):  # validate the whole file before loading a model
         pass
@@ -140,7 +140,7 @@ def _init_distributed(device: str) -> tuple[int, int]:
 
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
-    from .data import jsonl_samples, synthetic_samples
+    from .data import jsonl_samples, load_processor, synthetic_samples
 
     from .data import jsonl_records
 
@@ -152,8 +152,6 @@ def cmd_calibrate(args) -> int:
     if args.data == "synthetic":
         samples = synthetic_samples(model.config, args.samples or 8, seed=args.seed)
     else:
-        from .evaluate import load_processor
-
         processor = load_processor(args.model)
         samples = jsonl_samples(args.data, processor, model.config.model_type, limit=args.samples)
     dense_layers = [int(x) for x in args.dense_layers.split(",")] if args.dense_layers else ()

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import torch
 
-__all__ = ["synthetic_samples", "jsonl_records", "jsonl_samples", "DataError"]
+__all__ = ["synthetic_samples", "jsonl_records", "jsonl_samples", "open_images", "load_processor", "DataError"]
 
 IMAGE_MARKER = "<image>"
 
@@ -126,19 +126,36 @@ def _image_text(processor, model_type: str) -> str:
     return text
 
 
-def jsonl_samples(path, processor, model_type: str, limit: int | None = None) -> Iterator[dict]:
-    """Model inputs for each JSONL prompt, made by the model's own processor."""
+def open_images(paths: list[str], where: str) -> list:
+    """The record's images as RGB PIL images; DataError naming ``where`` for one that cannot be read."""
     from PIL import Image
 
+    images = []
+    for p in paths:
+        try:
+            images.append(Image.open(p).convert("RGB"))
+        except OSError as e:
+            raise DataError(f"{where}: cannot read image {p}: {e}") from e
+    return images
+
+
+def load_processor(path: str | os.PathLike):
+    """The processor saved with a model: BlindSight's word-level one for the shipped model, else AutoProcessor."""
+    from .zoo.processor import PROCESSOR_FILE, ShapesProcessor
+
+    if os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
+        return ShapesProcessor.from_pretrained(path)
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(path)
+
+
+def jsonl_samples(path, processor, model_type: str, limit: int | None = None) -> Iterator[dict]:
+    """Model inputs for each JSONL prompt, made by the model's own processor."""
     marker = _image_text(processor, model_type)
     for n, (lineno, rec) in enumerate(jsonl_records(path)):
         if limit is not None and n >= limit:
             return
-        images = []
-        for p in rec["images"]:
-            try:
-                images.append(Image.open(p).convert("RGB"))
-            except OSError as e:
-                raise DataError(f"{path}, line {lineno}: cannot read image {p}: {e}") from e
+        images = open_images(rec["images"], f"{path}, line {lineno}")
         text = rec["text"].replace(IMAGE_MARKER, marker)
         yield dict(processor(text=[text], images=images or None, return_tensors="pt"))

@@ -16,7 +16,6 @@ counting a dense answer as a sparse one.
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -27,7 +26,7 @@ from .layout import Layout, Template
 from .profile import Profile
 from .stats import stats
 
-__all__ = ["Example", "load_processor", "make_examples", "jsonl_examples", "accuracy", "compiled_language_model",
+__all__ = ["Example", "make_examples", "jsonl_examples", "accuracy", "compiled_language_model",
            "EvalResult", "evaluate"]
 
 
@@ -40,17 +39,6 @@ class Example:
     prompt_len: int
     length: int  # prompt + answer, before padding
     task: str | None = None
-
-
-def load_processor(path: str | os.PathLike):
-    """The processor saved with a model: BlindSight's word-level one for the shipped model, else AutoProcessor."""
-    from .zoo.processor import PROCESSOR_FILE, ShapesProcessor
-
-    if os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
-        return ShapesProcessor.from_pretrained(path)
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(path)
 
 
 def _type_key(inputs: dict) -> str | None:
@@ -85,9 +73,7 @@ def make_examples(processor, records, model_type: str, pad_to: int = 64, pad_id:
 
 def jsonl_examples(path, processor, model_type: str, limit: int | None = None, pad_to: int = 64, pad_id: int = 0):
     """Examples from a JSONL QA file (``images``, ``text`` with ``<image>``, ``answer``); DataError names the line."""
-    from PIL import Image
-
-    from .data import DataError, jsonl_records
+    from .data import DataError, jsonl_records, open_images
 
     records = []
     for lineno, rec in jsonl_records(path):
@@ -95,11 +81,7 @@ def jsonl_examples(path, processor, model_type: str, limit: int | None = None, p
             break
         if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
             raise DataError(f"{path}, line {lineno}: an evaluation record needs a non-empty \"answer\" string")
-        try:
-            images = [Image.open(p).convert("RGB") for p in rec["images"]]
-        except OSError as e:
-            raise DataError(f"{path}, line {lineno}: cannot read an image: {e}") from e
-        records.append(dict(rec, images=images))
+        records.append(dict(rec, images=open_images(rec["images"], f"{path}, line {lineno}")))
     return make_examples(processor, records, model_type, pad_to, pad_id)
 
 
