@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .backend import blindsight_backend, use_layout
-from .flops import attention_flops, prefill_flops
+from .flops import prefill_flops
 from .layout import Layout, Template
 from .profile import Profile
 from .stats import stats
