@@ -57,8 +57,8 @@ def test_processor_makes_qwen2_vl_inputs_and_round_trips(tmp_path):
     recs = make_records("calibration", 2, min_images=3, max_images=3)
     out = p([r["text"] for r in recs], images=[im for r in recs for im in r["images"]])
     assert set(out) == {"input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids"}
-    assert out["image_grid_thw"].tolist() == [[1, 12, 12]] * 6
-    assert out["pixel_values"].shape == (6 * 144, 3 * 2 * 8 * 8)
+    assert out["image_grid_thw"].tolist() == [[1, 6, 6]] * 6  # 16-pixel patches, no merge
+    assert out["pixel_values"].shape == (6 * 36, 3 * 2 * 16 * 16)
     ids = p.token_ids()
     assert (out["input_ids"] == ids["image_token_id"]).sum(-1).tolist() == [3 * 36] * 2
     assert (out["mm_token_type_ids"] == (out["input_ids"] == ids["image_token_id"])).all()
@@ -78,15 +78,17 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     p = build_processor()
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
                  rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=1, mlp_ratio=2, patch_size=8, spatial_merge_size=2,
+    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=1, mlp_ratio=2, patch_size=16, spatial_merge_size=1,
                   temporal_patch_size=2, in_channels=3)
     model = build_model(p, seed=0, text=small, vision=vision)
     before = [t.detach().clone() for t in model.parameters()]
-    model, _, losses = train(None, steps=3, batch_size=2, max_images=3, model=model, processor=p, progress=False)
+    model, _, losses = train(None, steps=3, batch_size=2, max_images=3, vision_steps=2, aux_layer=0, model=model, processor=p,
+                             progress=False)
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # the same seed gives the same weights
-    again, _, losses2 = train(None, steps=3, batch_size=2, max_images=3, model=build_model(p, 0, small, vision),
+    again, _, losses2 = train(None, steps=3, batch_size=2, max_images=3, vision_steps=2, aux_layer=0,
+                              model=build_model(p, 0, small, vision),
                               processor=p, progress=False)
     assert losses2 == losses
 

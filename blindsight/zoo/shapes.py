@@ -39,7 +39,7 @@ def render(color: str, shape: str, rng: np.random.Generator, size: int = IMAGE_S
     bg = rng.integers(0, 40, size=(size, size, 3), dtype=np.uint8)
     img = Image.fromarray(bg)
     d = ImageDraw.Draw(img)
-    r = int(rng.integers(size // 7, size // 4))  # half-width of the shape
+    r = int(rng.integers(size // 4, size // 3 + 1))  # half-width of the shape
     cx, cy = (int(v) for v in rng.integers(r + 2, size - r - 2, size=2))
     fill = COLORS[color]
     if shape == "circle":
