@@ -73,7 +73,7 @@ def test_processor_makes_qwen2_vl_inputs_and_round_trips(tmp_path):
 
 
 def test_training_steps_lower_the_loss_on_a_fixed_batch():
-    from blindsight.zoo.train import answer_logits, build_model, build_processor, collate, train
+    from blindsight.zoo.train import build_model, build_processor, train
 
     p = build_processor()
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
@@ -91,6 +91,30 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
                               model=build_model(p, 0, small, vision),
                               processor=p, progress=False)
     assert losses2 == losses
+
+
+def test_image_targets_name_each_tokens_own_image():
+    from blindsight.zoo.train import build_processor, collate, image_targets
+
+    p = build_processor()
+    recs = make_records("train", 3, min_images=2, max_images=4)
+    inputs, _, _ = collate(p, recs)
+    (rows, pos), targets, kind = image_targets(p, inputs, recs)
+    ids, words = p.token_ids(), p.tokenizer.convert_ids_to_tokens
+    expected = {}  # walk the tokens: which image each one is in, from the items drawn
+    for b, rec in enumerate(recs):
+        toks, image, items = inputs["input_ids"][b].tolist(), -1, rec["items"]
+        for t, tok in enumerate(toks):
+            if tok == ids["vision_start_token_id"]:
+                image += 1
+            elif tok == ids["vision_end_token_id"]:
+                expected[b, t] = items[image][0]
+            elif tok == ids["image_token_id"]:
+                last = toks[t + 1] == ids["vision_end_token_id"]
+                expected[b, t] = str(image + 1) if last else items[image][1]
+    got = dict(zip(zip(rows.tolist(), pos.tolist()), words(targets.tolist())))
+    assert got == expected
+    assert sorted(Counter(kind.tolist()).values()) == [sum(len(r["items"]) for r in recs)] * 2 + [35 * sum(len(r["items"]) for r in recs)]
 
 
 @pytest.fixture(scope="module")
