@@ -14,6 +14,12 @@ from blindsight.zoo.shapes import COLORS, SHAPES, make_records, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
+# a very small model of the shipped architecture, for training and penalty tests
+SMALL_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
+SMALL_VISION = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=1, mlp_ratio=2, patch_size=16, spatial_merge_size=1,
+                    temporal_patch_size=2, in_channels=3)
+
 
 def _answer_from_items(rec) -> str:
     """The answer recomputed from what was drawn, parsing the question (independent of the generator)."""
@@ -76,10 +82,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     from blindsight.zoo.train import build_model, build_processor, train
 
     p = build_processor()
-    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                 rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
-    vision = dict(depth=1, embed_dim=16, hidden_size=32, num_heads=1, mlp_ratio=2, patch_size=16, spatial_merge_size=1,
-                  temporal_patch_size=2, in_channels=3)
+    small, vision = dict(SMALL_TEXT, num_hidden_layers=1), SMALL_VISION
     model = build_model(p, seed=0, text=small, vision=vision)
     before = [t.detach().clone() for t in model.parameters()]
     model, _, losses = train(None, steps=3, batch_size=2, max_images=3, vision_steps=2, aux_layer=0, locality=1.0,
@@ -102,11 +105,7 @@ def test_cross_image_attention_is_one_minus_calibrations_intra_recall():
     from blindsight.zoo.train import build_model, build_processor, cross_image_attention
 
     p = build_processor()
-    model = build_model(p, seed=0, text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                             num_key_value_heads=1, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
-                                                                                     "mrope_section": [2, 3, 3]}),
-                        vision=dict(depth=1, embed_dim=16, hidden_size=32, num_heads=1, mlp_ratio=2, patch_size=16,
-                                    spatial_merge_size=1, temporal_patch_size=2, in_channels=3)).eval()
+    model = build_model(p, seed=0, text=SMALL_TEXT, vision=SMALL_VISION).eval()
     rec = make_records("calibration", 1, min_images=4, max_images=4)[0]
     enc = dict(p(text=[rec["text"]], images=rec["images"]))
     expected = 1 - calibrate(model, [enc], progress=False).recall("intra").mean().item()
