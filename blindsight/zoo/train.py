@@ -4,10 +4,12 @@
 :mod:`blindsight.zoo.shapes` (drawn on the fly from its fixed seed) and saves model and processor with
 ``save_pretrained``. Two stages, as real VLMs are built:
 
-1. :func:`pretrain_vision`: the vision tower alone learns to classify single images (colour, shape).
-2. :func:`train`'s main loop: the whole model on multi-image questions. The loss is the cross-entropy of every
-   one-word answer after ``answer :`` (the prompt's own question and ``follow_ups`` more about the same
-   images), plus an auxiliary loss on the image tokens (:func:`image_targets`).
+1. :func:`pretrain_vision`: the vision tower alone learns to classify single images (colour, shape) from every
+   one of its output tokens; it is then frozen.
+2. :func:`train`'s main loop: the language model on multi-image questions. The loss is the cross-entropy of
+   every one-word answer after ``answer :`` (the prompt's own question and ``follow_ups`` more about the same
+   images), plus an auxiliary loss on the image tokens (:func:`image_targets`) and a small penalty on the
+   attention image tokens pay to other images (:func:`cross_image_attention`; why: :func:`train`).
 
 Batches are right-padded without an attention mask: the model is causal and reads only the last real
 position, so the padding after it changes nothing that is used, and SDPA keeps its fast causal path.
