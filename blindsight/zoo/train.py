@@ -185,8 +185,9 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
           vision_steps: int = 2500, aux_layer: int = 1, locality: float = 0.1, freeze_vision: bool = True,
           model=None, processor=None,
           progress: bool = True, log_every: int = 50) -> tuple[object, ShapesProcessor, list[float]]:
-    """Pre-train the vision tower for ``vision_steps`` (stage 1, :func:`pretrain_vision`), then train the whole
-    model (or continue training ``model``) for ``steps`` AdamW steps; save to ``out`` if given.
+    """Pre-train the vision tower for ``vision_steps`` (stage 1, :func:`pretrain_vision`), then train the model
+    (the language model only with ``freeze_vision``; or continue training ``model``) for ``steps`` AdamW steps;
+    save to ``out`` if given.
 
     Each prompt carries ``follow_ups`` more questions about its images after its own (all answers are
     trained): a single answer per prompt left the model at chance-level per-task priors after 600 steps.
@@ -227,6 +228,8 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
     model = model or build_model(processor, seed)
     if not 0 <= aux_layer < model.config.text_config.num_hidden_layers:
         raise ValueError(f"aux_layer {aux_layer} is not a layer of this {model.config.text_config.num_hidden_layers}-layer model")
+    if locality < 0:
+        raise ValueError(f"locality is a penalty weight, >= 0; got {locality}")
     rng = np.random.default_rng(SPLITS["train"] + 1000 * seed)
     if vision_steps:
         pretrain_vision(model, processor, vision_steps, rng, progress=progress)
