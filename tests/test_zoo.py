@@ -88,7 +88,7 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     model, _, losses = train(None, steps=3, batch_size=2, max_images=3, vision_steps=2, aux_layer=0, locality=1.0,
                              model=model, processor=p, progress=False)
     assert len(losses) == 3 and all(np.isfinite(losses))
-    assert model.config._attn_implementation == "sdpa"  # trained with eager attention (locality), saved as sdpa
+    assert model.config._attn_implementation == "sdpa"  # trained with eager attention (locality), restored
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # the same seed gives the same weights
     again, _, losses2 = train(None, steps=3, batch_size=2, max_images=3, vision_steps=2, aux_layer=0, locality=1.0,

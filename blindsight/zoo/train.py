@@ -129,7 +129,8 @@ def pretrain_vision(model, processor: ShapesProcessor, steps: int, rng: np.rando
     Measured (batch 64, lr 2e-3, seed 1): per-token shape accuracy 0.60 / 0.83 / 0.91 after 500 / 1000 / 1500
     steps, colour 1.00 from step 100; ~0.15 s a step. With the heads on the mean-pooled output instead (the
     previous recipe), shape was 0.72-0.80 pooled and ~0.35 per token after 600 steps: the language model's
-    image tokens then had to gather shape across their image, and read it at 68-72% (shape at 39% on 8 images).
+    image tokens then had to gather shape across their image, and read it at 68-72% (shape at 39% on 8 images;
+    both measured by the previous session on the previous shipped model).
     Returns the per-step losses.
     """
     from tqdm.auto import tqdm
@@ -207,7 +208,7 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
     ``freeze_vision`` keeps the stage-1 tower fixed (it already gives every token its image's colour and shape).
     ``locality`` weighs a penalty on the attention mass image query rows put on other images
     (:func:`cross_image_attention`, mean over layers, heads and image rows; training then runs eager attention,
-    which returns the probabilities, and the model is saved for SDPA). Why: real VLMs inherit attention habits
+    which returns the probabilities; the model's own attention implementation is restored afterwards). Why: real VLMs inherit attention habits
     (sinks, local heads) from a pretrained text LLM and mostly single-image data, and BlindSight's finding is
     that their image rows then barely look across images; this model is trained from scratch in minutes and
     has no such habits: without the penalty its image rows spread 10-80% of their mass over other images'
@@ -219,8 +220,8 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
     training and made every head INTRA at 0.95 (a planted profile, not a finding); 0.1 (the default, the
     shipped model) leaves 3.7%: worst-prompt INTRA recall 0.66-0.96 per head, 4 INTRA heads at 0.95, 10 at 0.9.
     Dense accuracy was the same with either weight (2 / 4 / 8 images: 59.5 / 43.5 / 32.5% at 0.5, 60.0 / 45.0 /
-    34.5% at 0.1); the unpenalized previous recipe counted better on 4 images (48% vs 14-21%): its image rows
-    counted across images, the answer rows of these models have not learned to.
+    34.5% at 0.1); the unpenalized previous recipe counted better on 4 images (48% vs 14-21%, the previous
+    session's measurement): its image rows counted across images, the answer rows of these models have not.
     Returns (model, processor, per-step losses). Cosine learning rate with 4% warm-up.
     """
     from tqdm.auto import tqdm
@@ -237,6 +238,7 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
     if vision_steps:
         pretrain_vision(model, processor, vision_steps, rng, progress=progress)
     model.train()
+    attn_implementation = model.config._attn_implementation  # restored after training
     if freeze_vision:
         model.model.visual.requires_grad_(False)
     if locality:  # attention probabilities are needed; SDPA does not return them
@@ -283,7 +285,7 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
                             min=f"{(time.time() - t0) / 60:.1f}")
     model.eval()
     model.model.visual.requires_grad_(True)
-    model.set_attn_implementation("sdpa")
+    model.set_attn_implementation(attn_implementation)
     if out:
         model.save_pretrained(out)
         processor.save_pretrained(out)
