@@ -153,7 +153,8 @@ def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
     from blindsight.evaluate import accuracy, by_task, make_examples
 
     model, processor = zoo
-    examples = make_examples(processor, make_records("benchmark", 100, min_images=2, max_images=2), "qwen2_vl", pad_to=1)
+    # the README's 2-image sample (200 prompts): 100 left the overall margin within sampling noise
+    examples = make_examples(processor, make_records("benchmark", 200, min_images=2, max_images=2), "qwen2_vl", pad_to=1)
     hits = accuracy(model, examples)
     acc = by_task(examples, hits)
     # chance: always giving each task's most frequent answer in this sample

@@ -13,11 +13,11 @@
 
 Batches are right-padded without an attention mask: the model is causal and reads only the last real
 position, so the padding after it changes nothing that is used, and SDPA keeps its fast causal path.
-Seeds are fixed (weights, data, dropout-free model). Measured: stage 1 gives the same tower bit for bit; the
-shipped weights' stage 2 ran on that tower with the data generator replayed past stage 1, and a re-run of the
-whole command gave other language-model weights (max difference 0.08) and a similar model (2 / 4 / 8 images:
-54.5 / 41.5 / 33.5% against the shipped 60.0 / 45.0 / 34.5%; 5 INTRA heads at 0.95 against 4). Whether the
-replay or run-to-run float nondeterminism in stage 2 explains it is not known yet.
+Seeds are fixed (weights, data, dropout-free model) and the run is deterministic on a given machine and
+thread count: two runs of ``python -m blindsight.zoo.train --out DIR`` (2 threads, one alone, one sharing the
+cores with other jobs) gave the same weights bit for bit, and those are the shipped weights. (The weights
+shipped before them came from a stage 2 re-run on a saved tower with the data generator replayed, not from
+this command, and differed from its output by up to 0.08.)
 """
 
 from __future__ import annotations
@@ -218,9 +218,9 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
     for itself in the task loss keeps it, and calibration, which knows nothing of the penalty, decides per head.
     Measured with this recipe (1200 steps): weight 0.5 left 0.6% of image-row mass across images at the end of
     training and made every head INTRA at 0.95 (a planted profile, not a finding); 0.1 (the default, the
-    shipped model) leaves 3.7%: worst-prompt INTRA recall 0.66-0.96 per head, 4 INTRA heads at 0.95, 10 at 0.9.
-    Dense accuracy was the same with either weight (2 / 4 / 8 images: 59.5 / 43.5 / 32.5% at 0.5, 60.0 / 45.0 /
-    34.5% at 0.1); the unpenalized previous recipe counted better on 4 images (48% vs 14-21%, the previous
+    shipped model) leaves 3.7%: worst-prompt INTRA recall 0.64-0.96 per head, 5 INTRA heads at 0.95, 12 at 0.9.
+    Dense accuracy was about the same with either weight (2 / 4 / 8 images: 59.5 / 43.5 / 32.5% at 0.5, 54.5 /
+    41.5 / 33.5% at 0.1); the unpenalized previous recipe counted better on 4 images (48% vs 14-21%, the previous
     session's measurement): its image rows counted across images, the answer rows of these models have not.
     Returns (model, processor, per-step losses). Cosine learning rate with 4% warm-up.
     """
