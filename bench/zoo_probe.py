@@ -9,8 +9,9 @@ Two measurements on held-out prompts (the ``benchmark`` split's generator, its o
   Probe accuracy says the information is there, linearly; not that the model uses it.
 - ``attention``: for ``find`` and ``count`` questions, the attention mass the answer row (the last token)
   puts on the images the question is about, on the other images, and on text, per layer and head (eager
-  attention; an image is its segment, delimiters included, as ``blindsight.Layout`` defines it). For ``find`` the target is the image that holds the named colour and shape; for ``count``
-  the images that hold the named colour or shape. Selective attention puts more than its share (targets'
+  attention; an image is its segment, delimiters included, as ``blindsight.Layout`` defines it). For
+  ``find`` the target is the image that holds the named colour and shape; for ``count`` the images that hold
+  the named colour or shape. Selective attention puts more than its share (targets'
   fraction of image tokens) on the targets.
 """
 
@@ -28,7 +29,12 @@ from blindsight.demo import load_zoo_model  # noqa: E402
 from blindsight.layout import Layout, Template  # noqa: E402
 from blindsight.zoo.shapes import COLORS, SHAPES, make_record  # noqa: E402
 
-TOKENS = {"vision_end": 0, "last_placeholder": 1, "middle_placeholder": 18}  # positions before <|vision_end|>
+TOKENS = ("vision_end", "last_placeholder", "middle_placeholder")
+
+
+def _segments(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Image segment of each token of a one-row prompt (-1 for text), as ``blindsight.Layout`` defines it."""
+    return Layout.from_input_ids(input_ids, Template.from_config(model.config)).image[0]
 
 
 @torch.enable_grad()  # callers run under no_grad
@@ -51,7 +57,6 @@ def _linear_probe(x: torch.Tensor, y: torch.Tensor, classes: int, steps: int = 3
 @torch.no_grad()
 def probes(model, processor, images: int = 4, prompts: int = 150, seed: int = 9) -> dict:
     """{token: {"number"|"colour"|"shape": [held-out probe accuracy per hidden state, layer 0 input first]}}."""
-    ids = processor.token_ids()
     rng = np.random.default_rng(seed)
     states = {t: [] for t in TOKENS}
     labels = []  # (number, colour, shape) per image
@@ -59,10 +64,11 @@ def probes(model, processor, images: int = 4, prompts: int = 150, seed: int = 9)
         rec = make_record(rng, images, "color")
         enc = dict(processor(text=[rec["text"]], images=rec["images"]))
         hidden = torch.stack(model.model(**enc, output_hidden_states=True).hidden_states)[:, 0]  # [L+1, S, D]
-        ends = (enc["input_ids"][0] == ids["vision_end_token_id"]).nonzero().flatten()
-        for i, end in enumerate(ends.tolist()):
-            for token, back in TOKENS.items():
-                states[token].append(hidden[:, end - back])
+        image = _segments(model, enc["input_ids"])
+        for i in range(images):
+            segment = (image == i).nonzero().flatten()  # <|vision_start|>, placeholders, <|vision_end|>
+            for token, at in zip(TOKENS, (segment[-1], segment[-2], segment[len(segment) // 2])):
+                states[token].append(hidden[:, at])
             labels.append((i, list(COLORS).index(rec["items"][i][0]), SHAPES.index(rec["items"][i][1])))
     y = torch.tensor(labels)
     out = {}
@@ -79,7 +85,6 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
     images, the other images and text; plus the targets' mean share of image tokens and the accuracy."""
     if task not in ("find", "count"):
         raise ValueError(f"task must be 'find' or 'count', got {task!r}")
-    template = Template.from_config(model.config)
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")  # SDPA does not return probabilities
     rng = np.random.default_rng(seed)
@@ -90,11 +95,11 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
             enc = dict(processor(text=[rec["text"]], images=rec["images"]))
             out = model(**enc, output_attentions=True)
             hits += processor.tokenizer.convert_ids_to_tokens(int(out.logits[0, -1].argmax())) == rec["answer"]
-            image = Layout.from_input_ids(enc["input_ids"], template).image[0]  # segment per token, -1 text
+            image = _segments(model, enc["input_ids"])
             words = rec["text"].split("question : ")[1].split()
             targets = ({int(rec["answer"]) - 1} if task == "find" else
                        {i for i, (c, s) in enumerate(rec["items"]) if c in words or s in words})
-            target = torch.tensor([int(i) in targets for i in image.tolist()])
+            target = torch.isin(image, torch.tensor(sorted(targets), dtype=image.dtype))
             other = (image >= 0) & ~target
             share.append(target.sum().item() / (image >= 0).sum().item())
             mass.append(torch.stack([torch.stack([(p[0, :, -1] * m).sum(-1) for m in (target, other, image < 0)], -1)
