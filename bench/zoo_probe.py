@@ -12,7 +12,10 @@ Two measurements on held-out prompts (the ``benchmark`` split's generator, its o
   attention; an image is its segment, delimiters included, as ``blindsight.Layout`` defines it). For
   ``find`` the target is the image that holds the named colour and shape; for ``count`` the images that hold
   the named colour or shape. Selective attention puts more than its share (targets'
-  fraction of image tokens) on the targets.
+  fraction of image tokens) on the targets. Also the mass on the targets' label number tokens (the ``3`` of
+  ``<image> image 3 :``, which follows its image) and on the other images' label number tokens: the shipped
+  model is trained to look up labels, head 0 of layer 2 for ``find`` and head 1 for ``count``
+  (``blindsight.zoo.train.attention_targets``).
 """
 
 import argparse
@@ -101,15 +104,19 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
                        {i for i, (c, s) in enumerate(rec["items"]) if c in words or s in words})
             target = torch.isin(image, torch.tensor(sorted(targets), dtype=image.dtype))
             other = (image >= 0) & ~target
+            label = torch.zeros_like(target)
+            label[[int((image == i).nonzero()[-1]) + 2 for i in range(images)]] = True  # the number after "image"
+            target_label = label & torch.roll(target, 2)
+            other_label = label & ~target_label
             share.append(target.sum().item() / (image >= 0).sum().item())
-            mass.append(torch.stack([torch.stack([(p[0, :, -1] * m).sum(-1) for m in (target, other, image < 0)], -1)
-                                     for p in out.attentions]))  # [L, H, 3]
+            mass.append(torch.stack([torch.stack([(p[0, :, -1] * m).sum(-1) for m in (target, other, image < 0, target_label, other_label)], -1)
+                                     for p in out.attentions]))  # [L, H, 5]
     finally:
         model.set_attn_implementation(implementation)
     m = torch.stack(mass).mean(0)
     return {"accuracy": hits / prompts, "target_share": float(np.mean(share)),
-            "layers": [{"target": layer[:, 0].tolist(), "other_images": layer[:, 1].tolist(), "text": layer[:, 2].tolist()}
-                       for layer in m]}
+            "layers": [{"target": layer[:, 0].tolist(), "other_images": layer[:, 1].tolist(), "text": layer[:, 2].tolist(),
+                        "target_labels": layer[:, 3].tolist(), "other_labels": layer[:, 4].tolist()} for layer in m]}
 
 
 def main(argv=None) -> int:
@@ -134,8 +141,9 @@ def main(argv=None) -> int:
         print(f"answer-row attention, {task}: accuracy {r['accuracy']:.2f}, targets hold {r['target_share']:.2f} of image tokens")
         for i, layer in enumerate(r["layers"]):
             print(f"  layer {i}: " + "  ".join(
-                f"h{h} target {t:.2f} other {o:.2f} text {x:.2f}"
-                for h, (t, o, x) in enumerate(zip(layer["target"], layer["other_images"], layer["text"]))))
+                f"h{h} target {t:.2f} other {o:.2f} text {x:.2f} (labels: target {tl:.2f} other {ol:.2f})"
+                for h, (t, o, x, tl, ol) in enumerate(zip(layer["target"], layer["other_images"], layer["text"],
+                                                           layer["target_labels"], layer["other_labels"]))))
     return 0
 
 

@@ -73,7 +73,7 @@ def test_processor_makes_qwen2_vl_inputs_and_round_trips(tmp_path):
     again = q([r["text"] for r in recs], images=[im for r in recs for im in r["images"]])
     assert all(torch.equal(out[k], again[k]) for k in out)
     with pytest.raises(ValueError, match="outside the vocabulary"):
-        p(["image 1 : <image> zebra ?"], images=recs[0]["images"][:1])
+        p(["<image> image 1 : zebra ?"], images=recs[0]["images"][:1])
     with pytest.raises(ValueError, match="2 image markers but 1 images"):
         p(["<image> <image>"], images=recs[0]["images"][:1])
 
@@ -86,13 +86,13 @@ def test_training_steps_lower_the_loss_on_a_fixed_batch():
     model = build_model(p, seed=0, text=small, vision=vision)
     before = [t.detach().clone() for t in model.parameters()]
     model, _, losses = train(None, steps=3, batch_size=2, max_images=3, vision_steps=2, aux_layer=0, locality=1.0,
-                             model=model, processor=p, progress=False)
+                             guide_layer=0, model=model, processor=p, progress=False)
     assert len(losses) == 3 and all(np.isfinite(losses))
     assert model.config._attn_implementation == "sdpa"  # trained with eager attention (locality), restored
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
     # the same seed gives the same weights
     again, _, losses2 = train(None, steps=3, batch_size=2, max_images=3, vision_steps=2, aux_layer=0, locality=1.0,
-                              model=build_model(p, 0, small, vision),
+                              guide_layer=0, model=build_model(p, 0, small, vision),
                               processor=p, progress=False)
     assert losses2 == losses
 
@@ -135,11 +135,59 @@ def test_image_targets_name_each_tokens_own_image():
             elif tok == ids["vision_end_token_id"]:
                 expected[b, t] = items[image][0]
             elif tok == ids["image_token_id"]:
-                last = toks[t + 1] == ids["vision_end_token_id"]
-                expected[b, t] = str(image + 1) if last else items[image][1]
+                expected[b, t] = items[image][1]
     got = dict(zip(zip(rows.tolist(), pos.tolist()), words(targets.tolist())))
     assert got == expected
-    assert sorted(Counter(kind.tolist()).values()) == [sum(len(r["items"]) for r in recs)] * 2 + [35 * sum(len(r["items"]) for r in recs)]
+    images = sum(len(r["items"]) for r in recs)
+    assert Counter(kind.tolist()) == {1: images, 0: 36 * images}
+
+
+def test_label_and_attention_targets_point_at_the_right_tokens():
+    """Checked on the token strings: a find key is the label token that spells the answer; a count's keys are the
+    labels of the images holding the asked colour/shape, plus the first ``question`` token (so #keys - 1 is the
+    answer)."""
+    from blindsight.zoo.train import attention_targets, build_processor, collate, label_targets, questions
+
+    p = build_processor()
+    rng = np.random.default_rng(7)
+    from blindsight.zoo.shapes import follow_up_questions, make_record
+
+    recs = [make_record(rng, n, task) for n, task in ((3, "find"), (5, "count"), (4, "count"), (2, "same"))]
+    extra = [follow_up_questions(r["items"], rng, 6) for r in recs]
+    inputs, where, answers = collate(p, recs, extra)
+    toks = [p.tokenizer.convert_ids_to_tokens(row) for row in inputs["input_ids"].tolist()]
+    (rows, pos), colors, shapes = label_targets(p, inputs, recs)
+    items = [it for r in recs for it in r["items"]]
+    numbers = [str(i + 1) for r in recs for i in range(len(r["items"]))]
+    assert [toks[r][t] for r, t in zip(rows.tolist(), pos.tolist())] == numbers
+    assert [toks[r][t - 1] for r, t in zip(rows.tolist(), pos.tolist())] == ["image"] * len(items)
+    assert [(list(COLORS)[c], SHAPES[s]) for c, s in zip(colors.tolist(), shapes.tolist())] == items
+    asked = questions(recs, extra)
+    find, count = attention_targets(p, inputs, recs, where, asked)
+    answer_at = {(r, q): p.tokenizer.convert_ids_to_tokens(a) for r, q, a in zip(where[0].tolist(), where[1].tolist(), answers.tolist())}
+    assert len(find) == sum(q.startswith("which") for _, q in asked) > 0
+    assert len(count) == sum(q.startswith("how many") for _, q in asked) > 0
+    for r, q, keys in find:
+        assert len(keys) == 1 and toks[r][keys[0]] == answer_at[r, q]
+    for r, q, keys in count:
+        assert toks[r][keys[-1]] == "question" and "question" not in toks[r][: keys[-1]]
+        assert len(keys) - 1 == int(answer_at[r, q])
+        assert all(toks[r][k - 2] == "<|vision_end|>" for k in keys[:-1])
+    old = [dict(r, text=re.sub(r"<image> image (\d) :", r"image \1 : <image>", r["text"])) for r in recs[:1]]  # label first
+    with pytest.raises(ValueError, match="format"):
+        label_targets(p, collate(p, old)[0], old)
+
+
+def test_guide_loss_reads_one_fixed_head_against_a_uniform_target():
+    from blindsight.zoo.train import guide_loss
+
+    probs = torch.zeros(1, 2, 4, 4)
+    probs[0, 0, 3] = torch.tensor([0.5, 0.25, 0.25, 0.0])
+    probs[0, 1, 3] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # head 1 is perfect on key 1: must not help head 0
+    assert guide_loss(probs, [(0, 3, [0])], head=0).item() == pytest.approx(np.log(2))
+    assert guide_loss(probs, [(0, 3, [0, 1])], head=0).item() == pytest.approx(-(np.log(0.5) + np.log(0.25)) / 2)
+    assert guide_loss(probs, [(0, 3, [1])], head=0).item() == pytest.approx(np.log(4))
+    assert guide_loss(probs, [], head=0).item() == 0.0
 
 
 @pytest.fixture(scope="module")

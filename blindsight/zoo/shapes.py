@@ -1,7 +1,7 @@
 """Synthetic multi-image question answering: shapes drawn on small images, questions whose answers need several.
 
 Every image holds one shape (circle, square, triangle or cross) of one colour at a random place and size. A
-prompt shows 2-8 images, each after a text label (``image 3 :``), then one question; every answer is one word:
+prompt shows 2-8 images, each followed by a text label (``<image> image 3 :``), then one question; every answer is one word:
 - ``find``: "which image shows a red circle ?" -> the only image holding that colour and shape ("1".."8");
 - ``count``: "how many images show red shapes ?" / "how many images show a circle ?" -> "0".."8";
 - ``same``: "do image 2 and 5 match ?" -> "yes" when both hold the same colour and shape (place and size differ);
@@ -106,12 +106,20 @@ def _other(item, rng):
     return (_other_color(item[0], rng), item[1]) if rng.random() < 0.5 else (item[0], _other_shape(item[1], rng))
 
 
-def follow_up_questions(items: list[tuple[str, str]], rng: np.random.Generator, num: int) -> list[tuple[str, str]]:
+def _draw_task(rng: np.random.Generator, task_weights=None) -> str:
+    """A task, uniform over :data:`TASKS` (the held-out splits) or with ``task_weights`` (one per task, for training)."""
+    if task_weights is None:
+        return TASKS[rng.integers(len(TASKS))]
+    return TASKS[rng.choice(len(TASKS), p=np.asarray(task_weights, dtype=float) / np.sum(task_weights))]
+
+
+def follow_up_questions(items: list[tuple[str, str]], rng: np.random.Generator, num: int,
+                        task_weights=None) -> list[tuple[str, str]]:
     """``num`` more (question, answer) pairs about the same images, answered from ``items`` as drawn (for
     training with several questions per prompt: more supervision per forward pass)."""
     n, out = len(items), []
     for _ in range(num):
-        task = TASKS[rng.integers(len(TASKS))]
+        task = _draw_task(rng, task_weights)
         if task == "find":
             unique = [i for i, it in enumerate(items) if items.count(it) == 1]
             if unique:
@@ -136,14 +144,21 @@ def follow_up_questions(items: list[tuple[str, str]], rng: np.random.Generator, 
 
 
 def prompt_text(num_images: int, question: str) -> str:
-    """``image 1 : <image> image 2 : <image> ... question : ... answer :``"""
-    labels = " ".join(f"image {i + 1} : {IMAGE_MARKER}" for i in range(num_images))
+    """``<image> image 1 : <image> image 2 : ... question : ... answer :``
+
+    The label follows its image. Why: a label token then sees its image's tokens (causal attention) and can carry
+    what the image shows next to its own number, so "which image shows ..." is one content look-up among the
+    label tokens that returns a number token. With the label before the image (the previous format) the number
+    had to be bound into 36 image tokens of norm ~27 whose values the answer row then read; trained models
+    never learned that look-up (``find`` at chance on 2-8 images, see the README)."""
+    labels = " ".join(f"{IMAGE_MARKER} image {i + 1} :" for i in range(num_images))
     return f"{labels} question : {question} answer :"
 
 
-def make_record(rng: np.random.Generator, num_images: int, task: str | None = None) -> dict:
-    """One prompt: ``{"images": [PIL images], "text", "answer", "task", "items": [(colour, shape) per image]}``."""
-    task = task or TASKS[rng.integers(len(TASKS))]
+def make_record(rng: np.random.Generator, num_images: int, task: str | None = None, task_weights=None) -> dict:
+    """One prompt: ``{"images": [PIL images], "text", "answer", "task", "items": [(colour, shape) per image]}``;
+    the task is ``task``, else drawn (:func:`_draw_task`)."""
+    task = task or _draw_task(rng, task_weights)
     colors, shapes = list(COLORS), list(SHAPES)
     items = [(colors[rng.integers(len(colors))], shapes[rng.integers(len(shapes))]) for _ in range(num_images)]
     items, question, answer = _question(task, items, rng)

@@ -8,16 +8,17 @@
    one of its output tokens; it is then frozen.
 2. :func:`train`'s main loop: the language model on multi-image questions. The loss is the cross-entropy of
    every one-word answer after ``answer :`` (the prompt's own question and ``follow_ups`` more about the same
-   images), plus an auxiliary loss on the image tokens (:func:`image_targets`) and a small penalty on the
-   attention image tokens pay to other images (:func:`cross_image_attention`; why: :func:`train`).
+   images), plus training-only signals (why each: :func:`train`): auxiliary targets on the image tokens
+   (:func:`image_targets`) and the image labels (:func:`label_targets`), a loss teaching the answer rows of
+   ``find`` and ``count`` where to look (:func:`attention_targets`, :func:`guide_loss`), and a small penalty
+   on the attention image tokens pay to other images (:func:`cross_image_attention`).
 
 Batches are right-padded without an attention mask: the model is causal and reads only the last real
 position, so the padding after it changes nothing that is used, and SDPA keeps its fast causal path.
 Seeds are fixed (weights, data, dropout-free model) and the run is deterministic on a given machine and
-thread count: two runs of ``python -m blindsight.zoo.train --out DIR`` (2 threads, one alone, one sharing the
-cores with other jobs) gave the same weights bit for bit, and those are the shipped weights. (The weights
-shipped before them came from a stage 2 re-run on a saved tower with the data generator replayed, not from
-this command, and differed from its output by up to 0.08.)
+thread count: two runs of the previous recipe's command (2 threads, one alone, one sharing the cores with other
+jobs) gave the same weights bit for bit. The shipped weights are this command's output (README: how long it
+took and what was re-checked).
 """
 
 from __future__ import annotations
@@ -31,9 +32,14 @@ import torch
 
 from ..layout import Layout, Template
 from .processor import ShapesProcessor
-from .shapes import IMAGE_SIZE, follow_up_questions, make_record, vocabulary
+from .shapes import COLORS, IMAGE_SIZE, SHAPES, TASKS, follow_up_questions, make_record, vocabulary
 
-__all__ = ["ModelSize", "build_processor", "build_model", "collate", "image_targets", "pretrain_vision", "train"]
+__all__ = ["ModelSize", "build_processor", "build_model", "collate", "questions", "image_targets", "label_targets",
+           "attention_targets", "guide_loss", "pretrain_vision", "train"]
+
+# training task mix (find, count, same, color, shape): the look-ups of find and count take far more steps to form
+# than reading one image (colour and shape of image i are learned within ~100 steps); held-out splits stay uniform
+TRAIN_TASK_WEIGHTS = (0.35, 0.25, 0.14, 0.13, 0.13)
 
 # 96 x 96 images: a 6 x 6 grid of 16-pixel patches, no merge: 36 tokens per image. 8-pixel patches with Qwen2-VL's
 # usual 2 x 2 merge give the same 36 tokens but cost the vision tower 4x more and learned shapes no faster.
@@ -56,6 +62,9 @@ def build_processor() -> ShapesProcessor:
 
 
 def build_model(processor: ShapesProcessor, seed: int = 0, text: dict | None = None, vision: dict | None = None):
+    """A fresh Qwen2-VL of the shipped shape (or ``text``/``vision`` overrides) with input and output word embeddings
+    tied, as Qwen2-VL-2B has them: a number token's own embedding is then the direction ``lm_head`` reads as that
+    number, so an answer row that attends to a label's number token can copy it."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 
     ids = processor.token_ids()
@@ -64,7 +73,7 @@ def build_model(processor: ShapesProcessor, seed: int = 0, text: dict | None = N
         text_config=dict(text or ModelSize.text, vocab_size=vocab, pad_token_id=ids["pad_token_id"],
                          eos_token_id=ids["eos_token_id"], bos_token_id=ids["eos_token_id"]),
         vision_config=dict(vision or ModelSize.vision),
-        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"],
+        image_token_id=ids["image_token_id"], video_token_id=ids["video_token_id"], tie_word_embeddings=True,
         vision_start_token_id=ids["vision_start_token_id"], vision_end_token_id=ids["vision_end_token_id"])
     config._attn_implementation = "sdpa"
     torch.manual_seed(seed)
@@ -91,18 +100,23 @@ def collate(processor: ShapesProcessor, records: list[dict], follow_ups: list[li
     return dict(enc), (rows, pos), ids[rows, pos + 1]
 
 
+def questions(records: list[dict], follow_ups: list[list[tuple[str, str]]] | None = None) -> list[tuple[int, str]]:
+    """(record index, question) of every answer :func:`collate` trains, in its order: each prompt's own question,
+    then its follow-ups."""
+    follow_ups = follow_ups or [[] for _ in records]
+    return [(i, q) for i, (r, f) in enumerate(zip(records, follow_ups))
+            for q in [r["text"].rsplit("question : ", 1)[1].removesuffix(" answer :")] + [q for q, _ in f]]
+
+
 def image_targets(processor: ShapesProcessor, inputs: dict, records: list[dict]):
     """Auxiliary targets on every image token after ``<|vision_start|>``: each placeholder predicts its image's
-    shape word, except the last, which predicts the image's number (the ``i`` of its ``image i :`` label); the
-    closing ``<|vision_end|>`` predicts its colour word. (row, position), token ids, and the kind of each
-    target (0 shape, 1 number, 2 colour: the training loss averages each kind on its own, so the one colour
-    target per image weighs as much as its 35 shape targets).
+    shape word, the closing ``<|vision_end|>`` its colour word. (row, position), token ids, and the kind of each
+    target (0 shape, 1 colour: the training loss averages each kind on its own, so the one colour target per image
+    weighs as much as its 36 shape targets).
 
     Why per token: with targets on two tokens per image only, the image rows of every layer attended across
     images (worst-prompt intra-image recall 0.25-0.65). With a target on every token, read at the last layer
-    only, layers 2-3 kept 0.80-0.95 of their attention inside the image after 400 steps; the shipped recipe
-    (also read at ``aux_layer``, 1200 steps) ends at 0.20-0.92 per head. The number target teaches the
-    binding of an image to its label that every "image i" question needs.
+    only, layers 2-3 kept 0.80-0.95 of their attention inside the image after 400 steps.
     """
     ids = processor.token_ids()
     x = inputs["input_ids"]
@@ -112,12 +126,68 @@ def image_targets(processor: ShapesProcessor, inputs: dict, records: list[dict])
     image = opens.cumsum(1)[rows, pos] - 1  # index of each token's image within its row
     first = torch.cat([torch.zeros(1, dtype=torch.long), torch.cumsum(opens.sum(1), 0)[:-1]])
     word = processor.tokenizer.convert_tokens_to_ids
-    table = torch.tensor([[word(s), word(str(i + 1)), word(c)]
-                          for r in records for i, (c, s) in enumerate(r["items"])])  # [images in batch, 3]
-    last = torch.zeros_like(end)
-    last[:, :-1] = end[:, 1:]  # the placeholder just before <|vision_end|>
-    kind = torch.where(end[rows, pos], 2, torch.where(last[rows, pos], 1, 0))
+    table = torch.tensor([[word(s), word(c)] for r in records for c, s in r["items"]])  # [images in batch, 2]
+    kind = end[rows, pos].long()
     return (rows, pos), table[first[rows] + image, kind], kind
+
+
+def label_targets(processor: ShapesProcessor, inputs: dict, records: list[dict]):
+    """(row, position) of every image label's number token (the ``3`` of ``<image> image 3 :``, two tokens after the
+    image's ``<|vision_end|>``) and its image's colour and shape (indices into ``COLORS`` and ``SHAPES``).
+
+    Training reads these from the output of ``aux_layer`` with a linear head of its own (thrown away after
+    training): the label must hold what its image shows, or no answer row can find it by content. Not through
+    ``lm_head``: that would make the token look like a colour word and wipe out the number it has to give back.
+    """
+    ids = processor.token_ids()
+    x = inputs["input_ids"]
+    rows, ends = (x == ids["vision_end_token_id"]).nonzero(as_tuple=True)
+    pos = ends + 2
+    word = processor.tokenizer.convert_tokens_to_ids
+    numbers = torch.tensor([word(str(i + 1)) for r in records for i in range(len(r["items"]))])
+    if pos.max() >= x.shape[1] or not torch.equal(x[rows, pos], numbers):
+        raise ValueError("image labels are not in the `<image> image i :` format of blindsight.zoo.shapes.prompt_text")
+    items = [it for r in records for it in r["items"]]
+    colors = torch.tensor([list(COLORS).index(c) for c, _ in items])
+    shapes = torch.tensor([SHAPES.index(s) for _, s in items])
+    return (rows, pos), colors, shapes
+
+
+def attention_targets(processor: ShapesProcessor, inputs: dict, records: list[dict], where, asked: list[tuple[int, str]]):
+    """Where the answer rows of ``find`` and ``count`` questions should look: two lists of (row, answer position,
+    key positions).
+
+    - ``find`` ("which image shows a red circle ?"): the number token of the named image's label.
+    - ``count`` ("how many images show red shapes ?"): the number tokens of every matching image's label plus
+      the row's first ``question`` token, a sink: with equal weight on each, the sink's share 1 / (k + 1) tells
+      the count k (0 included), which an average over the matching labels alone would not.
+    ``where``: :func:`collate`'s answer positions; ``asked``: :func:`questions` (same order).
+    """
+    (rows, pos), _, _ = label_targets(processor, inputs, records)
+    question = processor.tokenizer.convert_tokens_to_ids("question")
+    labels = {}
+    for r, p in zip(rows.tolist(), pos.tolist()):
+        labels.setdefault(r, []).append(p)
+    find, count = [], []
+    for (i, q), r, p in zip(asked, where[0].tolist(), where[1].tolist()):
+        items, words = records[i]["items"], q.split()
+        if q.startswith("which image shows"):
+            find.append((r, p, [labels[r][items.index((words[4], words[5]))]]))
+        elif q.startswith("how many"):
+            sink = int((inputs["input_ids"][r] == question).nonzero()[0])
+            count.append((r, p, [labels[r][k] for k, (c, s) in enumerate(items) if c in words or s in words] + [sink]))
+    return find, count
+
+
+def guide_loss(probs: torch.Tensor, targets: list, head: int) -> torch.Tensor:
+    """Cross-entropy between ``head``'s attention row and a uniform distribution over each target's keys
+    (``probs``: one layer's ``[B, H, S, S]`` probabilities; ``targets``: (row, query position, keys)), averaged.
+
+    One fixed head: with the best of several heads instead, each head watched one fixed image and the loss was met
+    without any look-up (measured: 2 images, loss ~0 while each head gave the named image 0.5 on average)."""
+    if not targets:
+        return probs.new_zeros(())
+    return torch.stack([-torch.log(probs[r, head, p, keys].clamp_min(1e-6)).mean() for r, p, keys in targets]).mean()
 
 
 def pretrain_vision(model, processor: ShapesProcessor, steps: int, rng: np.random.Generator, batch_size: int = 64,
@@ -172,22 +242,10 @@ def cross_image_attention(attentions, image: torch.Tensor) -> torch.Tensor:
     return mass.mean((0, 2))[image_rows].mean()
 
 
-def answer_logits(model, inputs: dict, where: tuple[torch.Tensor, torch.Tensor], layers: tuple[int, ...],
-                  output_attentions: bool = False):
-    """Logits of the token after each (row, position), ``[N, vocab]``, the same logits read (through the
-    final norm and ``lm_head``) from the output of each decoder layer in ``layers`` (0-based), and the language
-    model's attention probabilities (per layer, ``[B, H, S, S]``) if ``output_attentions`` (else None)."""
-    out = model.model(**inputs, output_hidden_states=True, output_attentions=output_attentions)
-    norm = model.model.language_model.norm
-    return (model.lm_head(out.last_hidden_state[where]),
-            [model.lm_head(norm(out.hidden_states[i + 1][where])) for i in layers],
-            out.attentions if output_attentions else None)
-
-
-def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
+def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
           min_images: int = 2, max_images: int = 8, follow_ups: int = 8, curriculum: float = 0.5, aux_weight: float = 0.5,
-          vision_steps: int = 2500, aux_layer: int = 1, locality: float = 0.1, freeze_vision: bool = True,
-          model=None, processor=None,
+          vision_steps: int = 2500, aux_layer: int = 1, locality: float = 0.1, guide: float = 1.0, guide_layer: int = 2,
+          task_weights=TRAIN_TASK_WEIGHTS, freeze_vision: bool = True, model=None, processor=None,
           progress: bool = True, log_every: int = 50) -> tuple[object, ShapesProcessor, list[float]]:
     """Pre-train the vision tower for ``vision_steps`` (stage 1, :func:`pretrain_vision`), then train the model
     (the language model only with ``freeze_vision``; or continue training ``model``) for ``steps`` AdamW steps;
@@ -195,33 +253,39 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
 
     Each prompt carries ``follow_ups`` more questions about its images after its own (all answers are
     trained): a single answer per prompt left the model at chance-level per-task priors after 600 steps.
+    Tasks are drawn with ``task_weights`` (:data:`TRAIN_TASK_WEIGHTS`; the held-out splits are uniform).
     The most images a batch may hold grows from ``min_images`` to ``max_images`` over the first ``curriculum``
     fraction of the steps: from scratch on 2-8 images at once the model stayed at chance after 300 steps,
-    while on 2 images it learns to read an image's colour within 100. ``aux_weight`` weighs an auxiliary loss
-    inside each image (:func:`image_targets`): with the curriculum alone, first-question accuracy stayed at
-    chance (0.34) for 400 steps. It trains the image tokens to describe their own image, a training signal
-    only: the model and its inputs at inference are unchanged. The auxiliary targets are read both at the last
-    layer and at the output of layer ``aux_layer``: read at the last layer only, every image knew its number
-    (100%) but the answers could not find the image a question names (colour of image i: 24% on 8 images),
-    because a fact formed in the last layer is never a key any layer's attention can match.
+    while on 2 images it learns to read an image's colour within 100.
 
-    ``freeze_vision`` keeps the stage-1 tower fixed (it already gives every token its image's colour and shape).
-    ``locality`` weighs a penalty on the attention mass image query rows put on other images
-    (:func:`cross_image_attention`, mean over layers, heads and image rows; training then runs eager attention,
-    which returns the probabilities; the model's own attention implementation is restored afterwards). Why: real VLMs inherit attention habits
-    (sinks, local heads) from a pretrained text LLM and mostly single-image data, and BlindSight's finding is
-    that their image rows then barely look across images; this model is trained from scratch in minutes and
-    has no such habits: without the penalty its image rows spread 10-80% of their mass over other images'
-    tokens (worst-prompt INTRA recall 0.20-0.92 per head) although nothing in the tasks needs it there (a
-    question comes after its images, so image rows cannot know what will be asked; answer rows, which are text,
-    always see everything). The penalty is one weight for all heads: a head whose cross-image attention pays
-    for itself in the task loss keeps it, and calibration, which knows nothing of the penalty, decides per head.
-    Measured with this recipe (1200 steps): weight 0.5 left 0.6% of image-row mass across images at the end of
-    training and made every head INTRA at 0.95 (a planted profile, not a finding); 0.1 (the default, the
-    shipped model) leaves 3.7%: worst-prompt INTRA recall 0.64-0.96 per head, 5 INTRA heads at 0.95, 12 at 0.9.
-    Dense accuracy was about the same with either weight (2 / 4 / 8 images: 59.5 / 43.5 / 32.5% at 0.5, 54.5 /
-    41.5 / 33.5% at 0.1); the unpenalized previous recipe counted better on 4 images (48% vs 14-21%, the previous
-    session's measurement): its image rows counted across images, the answer rows of these models have not.
+    Training signals besides the answers (none changes the model or its inputs at inference):
+
+    - ``aux_weight``: image tokens predict their image's shape, ``<|vision_end|>`` its colour, read through
+      ``lm_head`` at the last layer and at the output of layer ``aux_layer`` (:func:`image_targets`); and each
+      label's number token holds its image's colour and shape at ``aux_layer``, read by a linear head of its own
+      (:func:`label_targets`). Without them first-question accuracy stayed at chance (0.34) for 400 steps. A fact
+      formed only in the last layer is never a key any layer's attention can match, hence ``aux_layer``.
+    - ``guide``: the answer rows of ``find`` and ``count`` questions are taught where to look, at layer
+      ``guide_layer``: head 0 at the named image's label, head 1 at the matching labels and a sink
+      (:func:`attention_targets`, :func:`guide_loss`). Why: these are content look-ups, and the answer loss alone
+      gives them almost no gradient until they half work. Measured (2 images, ``find`` questions only, 400-1000
+      steps): without guidance training stayed at loss ln 2 (a coin toss), with the label before its image or
+      after it, with or without tied embeddings; with head 0 guided, it put 0.82 of its weight on the right label
+      after 400 steps and answered 0.87-0.90 from step ~600 on.
+    - ``locality``: a penalty on the attention mass image query rows put on other images
+      (:func:`cross_image_attention`, mean over layers, heads and image rows). Why: real VLMs inherit attention
+      habits (sinks, local heads) from a pretrained text LLM and mostly single-image data, and BlindSight's finding
+      is that their image rows then barely look across images; this model is trained from scratch in minutes and
+      has no such habits: without the penalty its image rows spread 10-80% of their mass over other images'
+      tokens (worst-prompt INTRA recall 0.20-0.92 per head) although nothing in the tasks needs it there (a
+      question comes after its images, so image rows cannot know what will be asked; answer rows, which are
+      text, always see everything). The penalty is one weight for all heads: a head whose cross-image attention
+      pays for itself in the task loss keeps it, and calibration, which knows nothing of the penalty, decides
+      per head. With the previous recipe, weight 0.5 made every head INTRA at 0.95 (a planted profile, not a
+      finding); 0.1 left 3.7% of image-row mass across images (worst-prompt INTRA recall 0.64-0.96 per head).
+
+    ``locality`` and ``guide`` need attention probabilities: training then runs eager attention, and the model's
+    own attention implementation is restored afterwards. ``freeze_vision`` keeps the stage-1 tower fixed.
     Returns (model, processor, per-step losses). Cosine learning rate with 4% warm-up.
     """
     from tqdm.auto import tqdm
@@ -230,10 +294,14 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
 
     processor = processor or build_processor()
     model = model or build_model(processor, seed)
-    if not 0 <= aux_layer < model.config.text_config.num_hidden_layers:
-        raise ValueError(f"aux_layer {aux_layer} is not a layer of this {model.config.text_config.num_hidden_layers}-layer model")
-    if locality < 0:
-        raise ValueError(f"locality is a penalty weight, >= 0; got {locality}")
+    layers = model.config.text_config.num_hidden_layers
+    for name, layer in (("aux_layer", aux_layer), ("guide_layer", guide_layer if guide else 0)):
+        if not 0 <= layer < layers:
+            raise ValueError(f"{name} {layer} is not a layer of this {layers}-layer model")
+    if guide and model.config.text_config.num_attention_heads < 2:
+        raise ValueError("guide needs 2 attention heads (find on head 0, count on head 1); pass guide=0")
+    if locality < 0 or guide < 0:
+        raise ValueError(f"locality and guide are loss weights, >= 0; got {locality}, {guide}")
     rng = np.random.default_rng(SPLITS["train"] + 1000 * seed)
     if vision_steps:
         pretrain_vision(model, processor, vision_steps, rng, progress=progress)
@@ -241,47 +309,62 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
     attn_implementation = model.config._attn_implementation  # restored after training
     if freeze_vision:
         model.model.visual.requires_grad_(False)
-    if locality:  # attention probabilities are needed; SDPA does not return them
+    if locality or guide:  # attention probabilities are needed; SDPA does not return them
         model.set_attn_implementation("eager")
-        template = Template.from_config(model.config)
-    opt = torch.optim.AdamW([t for t in model.parameters() if t.requires_grad], lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+    template = Template.from_config(model.config)
+    label_head = torch.nn.Linear(model.config.text_config.hidden_size, len(COLORS) + len(SHAPES))  # training only
+    trained = [t for t in model.parameters() if t.requires_grad] + list(label_head.parameters())
+    opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 25)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    losses, hits, crosses, t0 = [], [], [], time.time()
+    norm = model.model.language_model.norm
+    losses, hits, logs, t0 = [], {t: [] for t in TASKS}, {"cross": [], "guide": []}, time.time()
     bar = tqdm(range(steps), desc="training", disable=not progress)
     for step in bar:
         grown = min(1.0, step / max(1, curriculum * steps))
         cap = min_images + round(grown * (max_images - min_images))
         n = int(rng.integers(min_images, cap + 1))  # one image count per batch: little padding
-        records = [make_record(rng, n) for _ in range(batch_size)]
-        extra = [follow_up_questions(r["items"], rng, follow_ups) for r in records]
+        records = [make_record(rng, n, task_weights=task_weights) for _ in range(batch_size)]
+        extra = [follow_up_questions(r["items"], rng, follow_ups, task_weights) for r in records]
         inputs, where, answers = collate(processor, records, extra)
-        aux_where, aux_targets, aux_kind = image_targets(processor, inputs, records)
-        rows, pos = torch.cat([where[0], aux_where[0]]), torch.cat([where[1], aux_where[1]])
-        both, early, attentions = answer_logits(model, inputs, (rows, pos), (aux_layer,), bool(locality))
-        logits = both[: len(answers)]
+        fwd = model.model(**inputs, output_hidden_states=True, output_attentions=bool(locality or guide))
+        early = fwd.hidden_states[aux_layer + 1]  # output of layer aux_layer
+        logits = model.lm_head(fwd.last_hidden_state[where])
         loss = torch.nn.functional.cross_entropy(logits, answers)
         if aux_weight:
-            for read in (both, early[0]):  # at the last layer and at aux_layer
-                aux = torch.nn.functional.cross_entropy(read[len(answers):], aux_targets, reduction="none")
-                loss = loss + aux_weight / 2 * torch.stack([aux[aux_kind == k].mean() for k in range(3)]).mean()
+            at, targets, kind = image_targets(processor, inputs, records)
+            for read in (fwd.last_hidden_state[at], norm(early[at])):
+                aux = torch.nn.functional.cross_entropy(model.lm_head(read), targets, reduction="none")
+                loss = loss + aux_weight / 2 * torch.stack([aux[kind == k].mean() for k in range(2)]).mean()
+            at, colors, shapes = label_targets(processor, inputs, records)
+            h = early[at]
+            read = label_head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+            loss = loss + aux_weight * (torch.nn.functional.cross_entropy(read[:, : len(COLORS)], colors)
+                                        + torch.nn.functional.cross_entropy(read[:, len(COLORS):], shapes))
         if locality:
-            cross = cross_image_attention(attentions, Layout.from_input_ids(inputs["input_ids"], template).image)
+            cross = cross_image_attention(fwd.attentions, Layout.from_input_ids(inputs["input_ids"], template).image)
             loss = loss + locality * cross
-            crosses.append(cross.item())
+            logs["cross"].append(cross.item())
+        if guide:
+            find, count = attention_targets(processor, inputs, records, where, questions(records, extra))
+            g = guide_loss(fwd.attentions[guide_layer], find, 0) + guide_loss(fwd.attentions[guide_layer], count, 1)
+            loss = loss + guide * g
+            logs["guide"].append(g.item())
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
         first = torch.ones_like(where[0], dtype=torch.bool)
         first[1:] = where[0][1:] != where[0][:-1]  # each prompt's own question, as evaluated
-        hits.append((logits.argmax(-1) == answers)[first].float().mean().item())
+        for r, ok in zip(records, (logits.argmax(-1) == answers)[first].tolist()):
+            hits[r["task"]].append(ok)
         if (step + 1) % log_every == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}", acc=f"{np.mean(hits[-log_every:]):.3f}",
-                            cross=f"{np.mean(crosses[-log_every:]):.3f}" if crosses else "-",
+            recent = {t: f"{np.mean(h[-10 * log_every:]):.2f}" for t, h in hits.items() if h}
+            bar.set_postfix(loss=f"{np.mean(losses[-log_every:]):.3f}", **recent,
+                            **{k: f"{np.mean(v[-log_every:]):.3f}" for k, v in logs.items() if v},
                             min=f"{(time.time() - t0) / 60:.1f}")
     model.eval()
     model.model.visual.requires_grad_(True)
@@ -295,7 +378,7 @@ def train(out: str | None, steps: int = 1200, batch_size: int = 16, lr: float = 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="directory to save the model and processor to")
-    p.add_argument("--steps", type=int, default=1200)
+    p.add_argument("--steps", type=int, default=1800)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--follow-ups", type=int, default=8, help="extra questions per training prompt")
     p.add_argument("--lr", type=float, default=1e-3)
