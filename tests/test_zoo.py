@@ -209,8 +209,8 @@ def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
     majority = {t: max(Counter(e.answer_ids.tolist()[0] for e in examples if e.task == t).values()) for t in acc}
     chance = {t: majority[t] / sum(e.task == t for e in examples) for t in acc}
     assert sum(hits) / len(hits) > sum(majority.values()) / len(examples) + 0.1, (acc, chance)
-    # the tasks the shipped (weak, see README) model has learned on two-image prompts
-    assert acc["color"] > chance["color"] + 0.2 and acc["shape"] > chance["shape"] + 0.2, (acc, chance)
+    # the tasks the shipped model has learned (README: it has not learned `same`)
+    assert all(acc[t] > chance[t] + 0.2 for t in ("color", "shape", "find", "count")), (acc, chance)
 
 
 def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
