@@ -149,8 +149,8 @@ def prompt_text(num_images: int, question: str) -> str:
     The label follows its image. Why: a label token then sees its image's tokens (causal attention) and can carry
     what the image shows next to its own number, so "which image shows ..." is one content look-up among the
     label tokens that returns a number token. With the label before the image (the previous format) the number
-    had to be bound into 36 image tokens of norm ~27 whose values the answer row then read; trained models
-    never learned that look-up (``find`` at chance on 2-8 images, see the README)."""
+    had to be bound into 36 image tokens of norm ~27 whose values the answer row then read; the models trained
+    that way never learned the look-up (the previous shipped model: ``find`` at chance on 2-8 images)."""
     labels = " ".join(f"{IMAGE_MARKER} image {i + 1} :" for i in range(num_images))
     return f"{labels} question : {question} answer :"
 
