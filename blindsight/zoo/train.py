@@ -187,7 +187,17 @@ def guide_loss(probs: torch.Tensor, targets: list, head: int) -> torch.Tensor:
     without any look-up (measured: 2 images, loss ~0 while each head gave the named image 0.5 on average)."""
     if not targets:
         return probs.new_zeros(())
-    return torch.stack([-torch.log(probs[r, head, p, keys].clamp_min(1e-6)).mean() for r, p, keys in targets]).mean()
+    # one gather for all targets: indexing the [B, H, S, S] tensor once per target made every step's backward
+    # allocate a dense gradient per target (3.5 s per 8-image step against 1.7 s without guidance). Weights are
+    # (1 / targets) / keys, the factors the per-target means applied, so the gradient is the same
+    rows, queries, keys, weights = [], [], [], []
+    for r, p, k in targets:
+        rows += [r] * len(k)
+        queries += [p] * len(k)
+        keys += k
+        weights += [len(k)] * len(k)
+    w = torch.full((len(keys),), 1.0 / len(targets), dtype=probs.dtype) / torch.tensor(weights, dtype=probs.dtype)
+    return (-torch.log(probs[rows, head, queries, keys].clamp_min(1e-6)) * w).sum()
 
 
 def pretrain_vision(model, processor: ShapesProcessor, steps: int, rng: np.random.Generator, batch_size: int = 64,
