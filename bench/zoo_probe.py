@@ -4,7 +4,8 @@ Usage: python bench/zoo_probe.py [MODEL] [--images 4] [--prompts 150] [--json]
 
 Two measurements on held-out prompts (the ``benchmark`` split's generator, its own seed):
 - ``probes``: linear probes (logistic regression on standardized hidden states, 3/4 train, 1/4 held out) of
-  each image's number (the ``i`` of ``image i :``), colour and shape, read from the ``<|vision_end|>`` token,
+  each image's number (the ``i`` of its label ``<image> image i :``, which follows the image, so an image token
+  can only tell it from where it sits), colour and shape, read from the ``<|vision_end|>`` token,
   the image's last placeholder and a middle one, at the input of every decoder layer and after the last.
   Probe accuracy says the information is there, linearly; not that the model uses it.
 - ``attention``: for ``find`` and ``count`` questions, the attention mass the answer row (the last token)
