@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from blindsight.demo import load_zoo_model  # noqa: E402
 from blindsight.layout import Layout, Template  # noqa: E402
 from blindsight.zoo.shapes import COLORS, SHAPES, make_record  # noqa: E402
+from blindsight.zoo.train import label_targets  # noqa: E402
 
 TOKENS = ("vision_end", "last_placeholder", "middle_placeholder")
 
@@ -106,7 +107,7 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
             target = torch.isin(image, torch.tensor(sorted(targets), dtype=image.dtype))
             other = (image >= 0) & ~target
             label = torch.zeros_like(target)
-            label[[int((image == i).nonzero()[-1]) + 2 for i in range(images)]] = True  # the number after "image"
+            label[label_targets(processor, enc, [rec])[0][1]] = True  # each label's number token, as training finds it
             target_label = label & torch.roll(target, 2)
             other_label = label & ~target_label
             share.append(target.sum().item() / (image >= 0).sum().item())
