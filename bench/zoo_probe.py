@@ -1,22 +1,24 @@
 """What the shipped shapes model's tokens know, and where its answers look (issue #6's diagnostics).
 
-Usage: python bench/zoo_probe.py [MODEL] [--images 4] [--prompts 150] [--json]
+Usage: python bench/zoo_probe.py [MODEL] [--images 4] [--prompts 150] [--ablate] [--json]
 
-Two measurements on held-out prompts (the ``benchmark`` split's generator, its own seed):
+Two measurements on held-out prompts (the ``benchmark`` split's generator, its own seed), and a third on request:
 - ``probes``: linear probes (logistic regression on standardized hidden states, 3/4 train, 1/4 held out) of
   each image's number (the ``i`` of its label ``<image> image i :``, which follows the image, so an image token
   can only tell it from where it sits), colour and shape, read from the ``<|vision_end|>`` token,
   the image's last placeholder and a middle one, at the input of every decoder layer and after the last.
   Probe accuracy says the information is there, linearly; not that the model uses it.
-- ``attention``: for ``find`` and ``count`` questions, the attention mass the answer row (the last token)
+- ``attention``: for ``find``, ``count`` and ``same`` questions, the attention mass the answer row (the last token)
   puts on the images the question is about, on the other images, and on text, per layer and head (eager
   attention; an image is its segment, delimiters included, as ``blindsight.Layout`` defines it). For
   ``find`` the target is the image that holds the named colour and shape; for ``count`` the images that hold
-  the named colour or shape. Selective attention puts more than its share (targets'
-  fraction of image tokens) on the targets. Also the mass on the targets' label number tokens (the ``3`` of
+  the named colour or shape; for ``same`` the two images named by number. Selective attention puts more than
+  its share (targets' fraction of image tokens) on the targets. Also the mass on the targets' label number tokens (the ``3`` of
   ``<image> image 3 :``, which follows its image) and on the other images' label number tokens: the shipped
-  model is trained to look up labels, head 0 of layer 2 for ``find`` and head 1 for ``count``
-  (``blindsight.zoo.train.attention_targets``).
+  model is trained to look up labels, at layer 2 head 0 for ``find``, head 1 for ``count`` and head 2 for
+  ``same`` (``blindsight.zoo.train.attention_targets``).
+- ``ablation`` (``--ablate``): per-task accuracy on the benchmark split (200 prompts of ``--images`` images, the
+  README's samples) with the output of layer 2's head 0, 1 or 2, or all three, zeroed (its ``o_proj`` columns).
 """
 
 import argparse
@@ -35,6 +37,7 @@ from blindsight.zoo.shapes import COLORS, SHAPES, make_record  # noqa: E402
 from blindsight.zoo.train import label_targets  # noqa: E402
 
 TOKENS = ("vision_end", "last_placeholder", "middle_placeholder")
+TASKS = ("find", "count", "same")
 
 
 def _segments(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -86,10 +89,10 @@ def probes(model, processor, images: int = 4, prompts: int = 150, seed: int = 9)
 
 @torch.no_grad()
 def attention(model, processor, task: str, images: int = 4, prompts: int = 40, seed: int = 7) -> dict:
-    """Answer-row attention for ``task`` ("find" or "count"): per layer, per head, mean mass on the target
+    """Answer-row attention for ``task`` (one of :data:`TASKS`): per layer, per head, mean mass on the target
     images, the other images and text; plus the targets' mean share of image tokens and the accuracy."""
-    if task not in ("find", "count"):
-        raise ValueError(f"task must be 'find' or 'count', got {task!r}")
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
     implementation = model.config._attn_implementation
     model.set_attn_implementation("eager")  # SDPA does not return probabilities
     rng = np.random.default_rng(seed)
@@ -103,6 +106,7 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
             image = _segments(model, enc["input_ids"])
             words = rec["text"].split("question : ")[1].split()
             targets = ({int(rec["answer"]) - 1} if task == "find" else
+                       {int(w) - 1 for w in words if w.isdigit()} if task == "same" else
                        {i for i, (c, s) in enumerate(rec["items"]) if c in words or s in words})
             target = torch.isin(image, torch.tensor(sorted(targets), dtype=image.dtype))
             other = (image >= 0) & ~target
@@ -121,17 +125,43 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
                         "target_labels": layer[:, 3].tolist(), "other_labels": layer[:, 4].tolist()} for layer in m]}
 
 
+@torch.no_grad()
+def ablation(model, processor, images: int = 4, prompts: int = 200, layer: int = 2) -> dict:
+    """{"none"|"head 0"|...: {"all": accuracy, task: accuracy}} with heads of ``layer`` zeroed in turn."""
+    from blindsight.evaluate import accuracy, by_task, make_examples
+    from blindsight.zoo.shapes import make_records
+
+    examples = make_examples(processor, make_records("benchmark", prompts, min_images=images, max_images=images),
+                             "qwen2_vl", pad_to=1)
+    attn = model.model.language_model.layers[layer].self_attn
+    weight, saved = attn.o_proj.weight, attn.o_proj.weight.detach().clone()
+    out = {}
+    try:
+        for name, heads in (("none", []), ("head 0", [0]), ("head 1", [1]), ("head 2", [2]), ("heads 0-2", [0, 1, 2])):
+            weight.copy_(saved)
+            for h in heads:
+                weight[:, h * attn.head_dim: (h + 1) * attn.head_dim] = 0
+            hits = accuracy(model, examples)
+            out[name] = {"all": sum(hits) / len(hits), **by_task(examples, hits)}
+    finally:
+        weight.copy_(saved)
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model", nargs="?", default=None, help="model directory (default: the shipped model)")
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--prompts", type=int, default=150)
+    p.add_argument("--ablate", action="store_true", help="also zero layer 2's guided heads in turn (200 prompts)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     model, processor = load_zoo_model(*([args.model] if args.model else []))
     result = {"probes": probes(model, processor, args.images, args.prompts),
-              "attention": {t: attention(model, processor, t, args.images, max(10, args.prompts // 4)) for t in ("find", "count")}}
+              "attention": {t: attention(model, processor, t, args.images, max(10, args.prompts // 4)) for t in TASKS}}
+    if args.ablate:
+        result["ablation"] = ablation(model, processor, args.images)
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
@@ -146,6 +176,8 @@ def main(argv=None) -> int:
                 f"h{h} target {t:.2f} other {o:.2f} text {x:.2f} (labels: target {tl:.2f} other {ol:.2f})"
                 for h, (t, o, x, tl, ol) in enumerate(zip(layer["target"], layer["other_images"], layer["text"],
                                                            layer["target_labels"], layer["other_labels"]))))
+    for name, acc in result.get("ablation", {}).items():
+        print(f"layer 2 {name} zeroed, {args.images} images: " + " ".join(f"{t} {100 * a:.1f}%" for t, a in acc.items()))
     return 0
 
 

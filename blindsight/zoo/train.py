@@ -9,15 +9,16 @@
 2. :func:`train`'s main loop: the language model on multi-image questions. The loss is the cross-entropy of
    every one-word answer after ``answer :`` (the prompt's own question and ``follow_ups`` more about the same
    images), plus training-only signals (why each: :func:`train`): auxiliary targets on the image tokens
-   (:func:`image_targets`) and the image labels (:func:`label_targets`), a loss teaching the answer rows of
-   ``find`` and ``count`` where to look (:func:`attention_targets`, :func:`guide_loss`), and a small penalty
-   on the attention image tokens pay to other images (:func:`cross_image_attention`).
+   (:func:`image_targets`), the image labels (:func:`label_targets`) and the answer rows
+   (:func:`question_targets`), a loss teaching the answer rows where to look (:func:`attention_targets`,
+   :func:`guide_loss`), and a small penalty on the attention image tokens pay to other images
+   (:func:`cross_image_attention`).
 
 Batches are right-padded without an attention mask: the model is causal and reads only the last real
 position, so the padding after it changes nothing that is used, and SDPA keeps its fast causal path.
 Seeds are fixed (weights, data, dropout-free model) and the run is deterministic on a given machine and
-thread count: two runs of ``python -m blindsight.zoo.train --out DIR`` (2 threads) gave the same weights bit for
-bit, and those are the shipped weights (26.6 min alone).
+thread count: three runs of ``python -m blindsight.zoo.train --out DIR`` (2 threads) gave the same weights bit
+for bit, and those are the shipped weights (23.0 min alone).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from .processor import ShapesProcessor
 from .shapes import COLORS, IMAGE_SIZE, SHAPES, TASKS, follow_up_questions, make_record, vocabulary
 
 __all__ = ["ModelSize", "build_processor", "build_model", "collate", "questions", "image_targets", "label_targets",
-           "attention_targets", "guide_loss", "pretrain_vision", "train"]
+           "question_targets", "attention_targets", "guide_loss", "pretrain_vision", "train"]
 
 # training task mix (find, count, same, color, shape): the look-ups of find and count take far more steps to form
 # than reading one image (colour and shape of image i are learned within ~100 steps); held-out splits stay uniform
@@ -152,14 +153,34 @@ def label_targets(processor: ShapesProcessor, inputs: dict, records: list[dict])
     return (rows, pos), colors, shapes
 
 
-def attention_targets(processor: ShapesProcessor, inputs: dict, records: list[dict], where, asked: list[tuple[int, str]]):
-    """Where the answer rows of ``find`` and ``count`` questions should look: two lists of (row, answer position,
-    key positions).
+def question_targets(asked: list[tuple[int, str]]) -> torch.Tensor:
+    """What each question names, one row per :func:`questions` entry: class indices of (colour, shape, first
+    image number, second image number), 0 where it names none (colours and shapes are 1 + their index in
+    ``COLORS``/``SHAPES``, numbers are themselves).
 
-    - ``find`` ("which image shows a red circle ?"): the number token of the named image's label.
+    Training reads these from the answer row at ``aux_layer`` with a linear head of its own (thrown away after
+    training), so that the answer row holds what is asked before the layer whose heads look it up."""
+    colors, rows = list(COLORS), []
+    for _, q in asked:
+        words = q.split()
+        numbers = [int(w) for w in words if w.isdigit()] + [0, 0]
+        rows.append([next((1 + colors.index(w) for w in words if w in COLORS), 0),
+                     next((1 + SHAPES.index(w) for w in words if w in SHAPES), 0), numbers[0], numbers[1]])
+    return torch.tensor(rows)
+
+
+def attention_targets(processor: ShapesProcessor, inputs: dict, records: list[dict], where, asked: list[tuple[int, str]]):
+    """Where the answer rows should look: three lists (find, count, by number) of (row, answer position, key
+    positions), one per kind of look-up.
+
+    - ``find`` ("which image shows a red circle ?"): the number token of the named image's label (look-up by
+      content).
     - ``count`` ("how many images show red shapes ?"): the number tokens of every matching image's label plus
       the row's first ``question`` token, a sink: with equal weight on each, the sink's share 1 / (k + 1) tells
       the count k (0 included), which an average over the matching labels alone would not.
+    - by number: ``same`` ("do image 2 and 5 match ?"): labels 2 and 5; ``color``/``shape`` ("what color is in
+      image 3 ?"): label 3. Why ``same`` this way: an equal mix of two labels' colour and shape codes is one
+      clean code when they match and two half ones when not, which the MLP after it can tell apart.
     ``where``: :func:`collate`'s answer positions; ``asked``: :func:`questions` (same order).
     """
     (rows, pos), _, _ = label_targets(processor, inputs, records)
@@ -167,7 +188,7 @@ def attention_targets(processor: ShapesProcessor, inputs: dict, records: list[di
     labels = {}
     for r, p in zip(rows.tolist(), pos.tolist()):
         labels.setdefault(r, []).append(p)
-    find, count = [], []
+    find, count, by_number = [], [], []
     for (i, q), r, p in zip(asked, where[0].tolist(), where[1].tolist()):
         items, words = records[i]["items"], q.split()
         if q.startswith("which image shows"):
@@ -175,7 +196,9 @@ def attention_targets(processor: ShapesProcessor, inputs: dict, records: list[di
         elif q.startswith("how many"):
             sink = int((inputs["input_ids"][r] == question).nonzero()[0])
             count.append((r, p, [labels[r][k] for k, (c, s) in enumerate(items) if c in words or s in words] + [sink]))
-    return find, count
+        else:  # "do image i and j match ?", "what color is in image i ?": the labels the question names
+            by_number.append((r, p, [labels[r][int(w) - 1] for w in words if w.isdigit()]))
+    return find, count, by_number
 
 
 def guide_loss(probs: torch.Tensor, targets: list, head: int) -> torch.Tensor:
@@ -274,13 +297,22 @@ def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 
       label's number token holds its image's colour and shape at ``aux_layer``, read by a linear head of its own
       (:func:`label_targets`). Without them first-question accuracy stayed at chance (0.34) for 400 steps. A fact
       formed only in the last layer is never a key any layer's attention can match, hence ``aux_layer``.
-    - ``guide``: the answer rows of ``find`` and ``count`` questions are taught where to look, at layer
-      ``guide_layer``: head 0 at the named image's label, head 1 at the matching labels and a sink
-      (:func:`attention_targets`, :func:`guide_loss`). Why: these are content look-ups, and the answer loss alone
-      gives them almost no gradient until they half work. Measured (2 images, ``find`` questions only, 400-1000
-      steps): without guidance training stayed at loss ln 2 (a coin toss), with the label before its image or
-      after it, with or without tied embeddings; with head 0 guided, it put 0.82 of its weight on the right label
-      after 400 steps and answered 0.87-0.90 from step ~600 on.
+      Likewise each answer row holds, at ``aux_layer``, what its question names (colour, shape, image numbers;
+      :func:`question_targets`, another linear head of its own): these are the queries of the guided look-ups
+      one layer up. Measured: with head 2 guided (below) but no such target, layers 0-1 stopped copying the
+      question's words into the answer row (a linear probe read the asked colour from it at layer 2's input
+      0.56 of the time, 0.99 before), the ``find`` head spread its weight evenly over all labels, and ``find``
+      and ``count`` fell to 10% and 18% on 8 images while ``same`` rose to 56-82%.
+    - ``guide``: the answer rows are taught where to look, at layer ``guide_layer``: head 0 at the label of the
+      image ``find`` names by content, head 1 at the labels ``count`` matches and a sink, head 2 at the labels
+      of the images ``same``, ``color`` and ``shape`` name by number (:func:`attention_targets`,
+      :func:`guide_loss`). Why: these are look-ups, and the answer loss alone gives them almost no gradient until
+      they half work. Measured (2 images, ``find`` questions only, 400-1000 steps): without guidance training
+      stayed at loss ln 2 (a coin toss), with the label before its image or after it, with or without tied
+      embeddings; with head 0 guided, it put 0.82 of its weight on the right label after 400 steps and answered
+      0.87-0.90 from step ~600 on. With heads 0 and 1 guided only, ``same`` stayed near chance on 4 and 8
+      images (59% and 47% against 59% and 64% for always answering the commoner word) and ``color`` at 49%
+      and 38%; with head 2 guided too (and :func:`question_targets`), ``same`` 85% and 81%, ``color`` 100%.
     - ``locality``: a penalty on the attention mass image query rows put on other images
       (:func:`cross_image_attention`, mean over layers, heads and image rows). Why: real VLMs inherit attention
       habits (sinks, local heads) from a pretrained text LLM and mostly single-image data, and BlindSight's finding
@@ -307,8 +339,8 @@ def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 
     for name, layer in (("aux_layer", aux_layer), ("guide_layer", guide_layer if guide else 0)):
         if not 0 <= layer < layers:
             raise ValueError(f"{name} {layer} is not a layer of this {layers}-layer model")
-    if guide and model.config.text_config.num_attention_heads < 2:
-        raise ValueError("guide needs 2 attention heads (find on head 0, count on head 1); pass guide=0")
+    if guide and model.config.text_config.num_attention_heads < 3:
+        raise ValueError("guide needs 3 attention heads (find, count and look-up by number on heads 0-2); pass guide=0")
     if locality < 0 or guide < 0:
         raise ValueError(f"locality and guide are loss weights, >= 0; got {locality}, {guide}")
     rng = np.random.default_rng(SPLITS["train"] + 1000 * seed)
@@ -321,8 +353,12 @@ def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 
     if locality or guide:  # attention probabilities are needed; SDPA does not return them
         model.set_attn_implementation("eager")
     template = Template.from_config(model.config)
-    label_head = torch.nn.Linear(model.config.text_config.hidden_size, len(COLORS) + len(SHAPES))  # training only
-    trained = [t for t in model.parameters() if t.requires_grad] + list(label_head.parameters())
+    hidden = model.config.text_config.hidden_size
+    label_head = torch.nn.Linear(hidden, len(COLORS) + len(SHAPES))  # training only, as question_head
+    question_sizes = (len(COLORS) + 1, len(SHAPES) + 1, 10, 10)  # question_targets' four classes
+    question_head = torch.nn.Linear(hidden, sum(question_sizes))
+    trained = ([t for t in model.parameters() if t.requires_grad] + list(label_head.parameters())
+               + list(question_head.parameters()))
     opt = torch.optim.AdamW(trained, lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
     warm = max(1, steps // 25)
     sched = torch.optim.lr_scheduler.LambdaLR(
@@ -337,6 +373,7 @@ def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 
         records = [make_record(rng, n, task_weights=task_weights) for _ in range(batch_size)]
         extra = [follow_up_questions(r["items"], rng, follow_ups, task_weights) for r in records]
         inputs, where, answers = collate(processor, records, extra)
+        asked = questions(records, extra)
         fwd = model.model(**inputs, output_hidden_states=True, output_attentions=bool(locality or guide))
         early = fwd.hidden_states[aux_layer + 1]  # output of layer aux_layer
         logits = model.lm_head(fwd.last_hidden_state[where])
@@ -351,13 +388,18 @@ def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 
             read = label_head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
             loss = loss + aux_weight * (torch.nn.functional.cross_entropy(read[:, : len(COLORS)], colors)
                                         + torch.nn.functional.cross_entropy(read[:, len(COLORS):], shapes))
+            h = early[where]
+            read = question_head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+            for logits_k, target_k in zip(read.split(question_sizes, -1), question_targets(asked).T):
+                loss = loss + aux_weight * torch.nn.functional.cross_entropy(logits_k, target_k)
         if locality:
             cross = cross_image_attention(fwd.attentions, Layout.from_input_ids(inputs["input_ids"], template).image)
             loss = loss + locality * cross
             logs["cross"].append(cross.item())
         if guide:
-            find, count = attention_targets(processor, inputs, records, where, questions(records, extra))
-            g = guide_loss(fwd.attentions[guide_layer], find, 0) + guide_loss(fwd.attentions[guide_layer], count, 1)
+            find, count, by_number = attention_targets(processor, inputs, records, where, asked)
+            probs = fwd.attentions[guide_layer]
+            g = guide_loss(probs, find, 0) + guide_loss(probs, count, 1) + guide_loss(probs, by_number, 2)
             loss = loss + guide * g
             logs["guide"].append(g.item())
         opt.zero_grad(set_to_none=True)
