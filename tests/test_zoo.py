@@ -231,6 +231,21 @@ def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
     assert all(acc[t] > chance[t] + 0.2 for t in TASKS), (acc, chance)
 
 
+def test_demo_prefill_timing_refuses_a_run_without_sparse_attention(zoo):
+    """The timed "BlindSight" prefill must have run sparse: here the language model is compiled without
+    BlindSight's backend, so the timing would be a dense one."""
+    from blindsight.demo import _prefill_time
+    from blindsight.evaluate import compiled_language_model, make_examples
+    from blindsight.layout import Template
+
+    model, processor = zoo
+    ex = make_examples(processor, make_records("benchmark", 1, min_images=3, max_images=3), "qwen2_vl", pad_to=1)[0]
+    with compiled_language_model(model, "eager"):
+        assert _prefill_time(model, ex, None, repeat=1) > 0
+        with pytest.raises(RuntimeError, match="no sparse attention"):
+            _prefill_time(model, ex, Template.from_config(model.config), repeat=1)
+
+
 def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
     from blindsight.cli import main
 
