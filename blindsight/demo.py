@@ -85,8 +85,9 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
     def layout():
         return use_layout(Layout.from_input_ids(ex.inputs["input_ids"], template)) if template else contextlib.nullcontext()
 
-    with layout():
-        lm, kwargs = model.model.language_model, _language_model_inputs(model, ex)
+    lm = model.model.language_model
+    with layout():  # the capturing forward runs the compiled language model too
+        kwargs = _language_model_inputs(model, ex)
 
     def once():
         with torch.no_grad(), layout():

@@ -153,6 +153,11 @@ def label_targets(processor: ShapesProcessor, inputs: dict, records: list[dict])
     return (rows, pos), colors, shapes
 
 
+def _rms_normalized(h: torch.Tensor) -> torch.Tensor:
+    """``h`` scaled to unit root-mean-square (no learned weight): what the training-only linear heads read."""
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 def question_targets(asked: list[tuple[int, str]]) -> torch.Tensor:
     """What each question names, one row per :func:`questions` entry: class indices of (colour, shape, first
     image number, second image number), 0 where it names none (colours and shapes are 1 + their index in
@@ -355,7 +360,8 @@ def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 
     template = Template.from_config(model.config)
     hidden = model.config.text_config.hidden_size
     label_head = torch.nn.Linear(hidden, len(COLORS) + len(SHAPES))  # training only, as question_head
-    question_sizes = (len(COLORS) + 1, len(SHAPES) + 1, 10, 10)  # question_targets' four classes
+    # question_targets' four classes (0 = none named); image numbers are the vocabulary's one-digit words
+    question_sizes = (len(COLORS) + 1, len(SHAPES) + 1, 10, 10)
     question_head = torch.nn.Linear(hidden, sum(question_sizes))
     trained = ([t for t in model.parameters() if t.requires_grad] + list(label_head.parameters())
                + list(question_head.parameters()))
@@ -384,12 +390,10 @@ def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 
                 aux = torch.nn.functional.cross_entropy(model.lm_head(read), targets, reduction="none")
                 loss = loss + aux_weight / 2 * torch.stack([aux[kind == k].mean() for k in range(2)]).mean()
             at, colors, shapes = label_targets(processor, inputs, records)
-            h = early[at]
-            read = label_head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+            read = label_head(_rms_normalized(early[at]))
             loss = loss + aux_weight * (torch.nn.functional.cross_entropy(read[:, : len(COLORS)], colors)
                                         + torch.nn.functional.cross_entropy(read[:, len(COLORS):], shapes))
-            h = early[where]
-            read = question_head(h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6))
+            read = question_head(_rms_normalized(early[where]))
             for logits_k, target_k in zip(read.split(question_sizes, -1), question_targets(asked).T):
                 loss = loss + aux_weight * torch.nn.functional.cross_entropy(logits_k, target_k)
         if locality:
