@@ -69,10 +69,10 @@ def _median_time(fn, repeat: int, warmup: int = 2) -> float:
 
 
 def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True) -> dict:
-    from .backend import BackendOptions, blindsight_sdpa
     from .cli import parse_mix
+    from .lowering import resolve_lowering, sparse_attention
 
-    lowering = BackendOptions(lowering=cfg.lowering).lowering_for(torch.device("cpu"))
+    lowering = resolve_lowering(cfg.lowering, "cpu")
     dtype = getattr(torch, cfg.dtype)
     ids = input_ids_from_spec(cfg.layout, BENCH_TEMPLATE)
     layout = Layout.from_input_ids(ids, BENCH_TEMPLATE)
@@ -90,9 +90,9 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
     dense = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=True), dynamic=False)
     partial, full = category_tiles(layout, BaseMask(), 128)
-    sparse = torch.compile(lambda q, k, v, image, sink, p, f: blindsight_sdpa(
-        q, k, v, None, image, sink, p, f, heads=tuple(int(c) for c in heads), scale=None, is_causal=True,
-        block=(128, 128), lowering=lowering), dynamic=False)
+    # what a rewritten site runs (the op's body runs eagerly inside the compiled graph)
+    def sparse(q, k, v, image, sink, p, f):
+        return sparse_attention(q, k, v, None, layout, heads, None, True, lowering)
     with torch.no_grad():
         t_dense = _median_time(lambda: dense(q, k, v), cfg.repeat)
         t_sparse = _median_time(lambda: sparse(q, k, v, layout.image, layout.sink, partial, full), cfg.repeat)
@@ -143,7 +143,8 @@ def _reference(q, k, v, layout, heads):
 def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering: str) -> dict:
     from transformers import Qwen2Config, Qwen2Model
 
-    from .backend import blindsight_backend, use_layout
+    from .fx import blindsight_backend
+    from .layout import use_layout
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,

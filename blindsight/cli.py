@@ -1,13 +1,35 @@
-"""The ``blindsight`` command line."""
+"""The ``blindsight`` command line.
+
+A user error (a bad argument, an unreadable or malformed file, a missing model) ends the command with exit
+status 2 and one line on stderr, ``blindsight: error: <what and where>``; ``--debug`` (or
+``BLINDSIGHT_DEBUG=1``) shows its traceback instead. Arguments are checked before any model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
-from .layout import Layout, Template
-from .profile import Category, Profile
+from .data import DataError
+from .layout import Layout, LayoutError, Template, parse_layout_spec
+from .profile import Category, ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
+
+EXIT_USER_ERROR = 2  # as argparse's own usage errors
+EPILOG = (f"Exit status {EXIT_USER_ERROR} means a user error (a bad argument, an unreadable or malformed file, a "
+          "missing model), reported as one line on stderr; --debug or BLINDSIGHT_DEBUG=1 shows its traceback "
+          "instead. 0 means success; any other status, with a traceback, is a bug (130: interrupted).")
+
+
+class UserError(Exception):
+    """A mistake in the command's arguments or inputs: reported as one line, without a traceback."""
+
+
+# what main() reports as one line; any other exception is a bug and keeps its traceback
+USER_ERRORS = (UserError, DataError, ProfileFormatError, ProfileMismatchError, LayoutError, FileNotFoundError,
+               IsADirectoryError, NotADirectoryError, PermissionError)
 
 # Qwen2-VL-2B's language model and its template: the built-in example of `blindsight flops`.
 QWEN2_VL_2B_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
@@ -16,15 +38,166 @@ DEMO_LAYOUT = "text:64,(image:496,text:16)x16,text:80"
 DEMO_MIX = "dense:3,intra_sink:3,intra:3,sink:3"
 
 
+# ---- argument types: argparse reports their ArgumentTypeError as "argument --x: message" before any work ----------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def unit_float(text: str) -> float:
+    """A recall threshold or a quantile: a number in [0, 1] (NaN is not one)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
+    return value
+
+
+def unit_floats(text: str) -> list[float]:
+    """Comma-separated numbers in [0, 1] ('' for none)."""
+    try:
+        return [unit_float(t) for t in text.split(",")] if text.strip() else []
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+
+
+def layer_list(text: str) -> tuple[int, ...]:
+    """Comma-separated layer numbers ('' for none); their range is checked once the model's depth is known."""
+    try:
+        return tuple(non_negative_int(t) for t in text.split(",")) if text.strip() else ()
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer numbers such as 0,27, got {text!r}") from None
+
+
+def device_arg(text: str) -> str:
+    """A torch device that exists here: asking for CUDA without it would fail only after the model loads."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected cpu, cuda or cuda:N)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU only"
+            raise argparse.ArgumentTypeError(f"{text!r}: CUDA is not available on this machine (torch build: {build})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA devices")
+    return text
+
+
+def layout_spec(text: str) -> str:
+    try:
+        parse_layout_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def output_file(text: str) -> str:
+    """A file to write ('' for none): its directory must exist now, not only when the result is ready."""
+    if text and os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is a directory; give a file name")
+    parent = os.path.dirname(os.path.abspath(text)) if text else "."
+    if not os.path.isdir(parent):
+        raise argparse.ArgumentTypeError(f"cannot write {text!r}: directory {parent} does not exist")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (the usage itself is one --help away), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# ---- commands ------------------------------------------------------------------------------------------------------
+
 def parse_mix(mix: str, num_heads: int) -> list[Category]:
     """``"dense:3,intra:9"`` -> per-head categories (counts must add up to ``num_heads``)."""
     heads: list[Category] = []
     for item in mix.split(","):
         name, _, n = item.partition(":")
+        if n and not (n.strip().isdigit() and int(n) > 0):
+            raise ValueError(f"mix {mix!r}: {item!r} must be name:count with a positive count")
         heads += [Category.parse(name)] * int(n or 1)
     if len(heads) != num_heads:
         raise ValueError(f"mix {mix!r} gives {len(heads)} heads, the model has {num_heads}")
     return heads
+
+
+def _mix(mix: str, num_heads: int) -> list[Category]:
+    try:
+        return parse_mix(mix, num_heads)
+    except ValueError as e:
+        raise UserError(f"--mix: {e}") from e
+
+
+def _layout(spec: str, template: Template) -> Layout:
+    """The layout of a spec that parsed: what is left to fail depends on the template (image:N too short)."""
+    try:
+        return Layout.from_spec(spec, template)
+    except ValueError as e:
+        raise UserError(f"--layout: {e}") from e
+
+
+def _check_prompts(path: str, limit: int | None, need_answers: bool = False, need_images: bool = False) -> None:
+    """Read and check the whole prompt file before any model loads, so a bad line fails in seconds."""
+    from .data import jsonl_records
+
+    used = with_images = 0
+    for _, rec in jsonl_records(path, require_answer=need_answers):
+        if limit is None or used < limit:
+            used += 1
+            with_images += bool(rec["images"])
+    if not used:
+        raise UserError(f"{path}: no prompts (the file has no JSON lines)")
+    if need_images and not with_images:
+        raise UserError(f"{path}: none of the {used} prompts used has an image; calibration measures attention "
+                        "between images")
+
+
+def _check_model_dir(path: str) -> None:
+    """The model must be a directory with config.json, or a Hub id in the local cache: transformers would report
+    a missing directory as a malformed Hub repo id, or try the network."""
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise UserError(f"model directory {path} has no config.json (not a directory saved by save_pretrained)")
+        return
+    if os.path.exists(path):
+        raise UserError(f"model {path} is a file; expected a directory saved by save_pretrained")
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(path, "config.json")
+    except ValueError:  # not even a valid Hub id
+        cached = None
+    if not isinstance(cached, str):
+        raise UserError(f"model directory {path} does not exist (nor is it a Hub model in the local cache)")
+
+
+def _redecide_check(profile: Profile, path: str, option: str) -> None:
+    if not (profile.scores and profile.scores.get("prompts")):
+        raise UserError(f"{path}: the profile has no calibration statistics (hand-made?), so {option} cannot "
+                        "re-decide it; use a profile written by blindsight calibrate")
 
 
 def cmd_flops(args) -> int:
@@ -35,8 +208,8 @@ def cmd_flops(args) -> int:
 
     config = Qwen2VLConfig(text_config=QWEN2_VL_2B_TEXT)
     template = Template.from_config(config)
-    layout = Layout.from_spec(args.layout, template)
-    heads = parse_mix(args.mix, QWEN2_VL_2B_TEXT["num_attention_heads"])
+    layout = _layout(args.layout, template)
+    heads = _mix(args.mix, QWEN2_VL_2B_TEXT["num_attention_heads"])
     profile = Profile.from_categories([heads] * QWEN2_VL_2B_TEXT["num_hidden_layers"], config)
     flops = prefill_flops(layout, profile, config)
     tiles = {}
@@ -56,7 +229,7 @@ def cmd_flops(args) -> int:
     if args.png:
         from .viz import plot_category_masks
 
-        plot_category_masks(Layout.from_spec(args.picture_layout, template), args.png)
+        plot_category_masks(_layout(args.picture_layout, template), args.png)
         result["png"] = args.png
     if args.json:
         print(json.dumps(result, indent=1))
@@ -90,18 +263,22 @@ def cmd_demo(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import jsonl_records, load_processor
+    from .data import load_processor
     from .evaluate import evaluate, jsonl_examples
 
-    for _ in jsonl_records(args.data):  # validate the whole file before loading a model
-        pass
+    _check_prompts(args.data, args.samples, need_answers=True)
     profile = Profile.load(args.profile)
+    if profile.model.template is None:
+        raise UserError(f"{args.profile}: the profile has no image template; calibrate the model to get one")
+    if args.thresholds:
+        _redecide_check(profile, args.profile, "--thresholds")
+    _check_model_dir(args.model)
+    processor = load_processor(args.model)  # seconds, where the model takes minutes: first
     model = load_model(args.model, args.dtype, args.device)
     profile.check_model(model)
-    processor = load_processor(args.model)
     pad_id = model.generation_config.pad_token_id or 0
     examples = jsonl_examples(args.data, processor, model.config.model_type, args.samples, args.pad_to, pad_id)
-    thresholds = [None] if not args.thresholds else [float(t) for t in args.thresholds.split(",")]
+    thresholds = args.thresholds or [None]
     dense, results = evaluate(model, examples, profile, thresholds, progress=not args.json)
     if args.json:
         print(json.dumps({"samples": len(examples), "accuracy_dense": dense,
@@ -122,7 +299,12 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoModelForImageTextToText
 
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=getattr(torch, dtype),
+                                                            attn_implementation="sdpa")
+    except (OSError, ValueError) as e:  # missing files, not a VLM config: transformers' messages run many lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot load the model {path}: {first}") from e
     return model.to(device).eval()
 
 
@@ -138,25 +320,36 @@ def _init_distributed(device: str) -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
+def _check_calibratable(model, args) -> None:
+    """What only the loaded model can tell, checked before the long run: its depth and its image template."""
+    layers = ModelInfo.from_config(model).num_layers
+    bad = [layer for layer in args.dense_layers if layer >= layers]
+    if bad:
+        raise UserError(f"--dense-layers: layer {bad[0]} is out of range; {args.model} has {layers} layers "
+                        f"(0 to {layers - 1})")
+    try:
+        Template.from_config(model.config)
+    except ValueError as e:
+        raise UserError(f"{args.model}: {e}") from e
+
+
 def cmd_calibrate(args) -> int:
     from .calibrate import calibrate
     from .data import jsonl_samples, load_processor, synthetic_samples
 
-    from .data import jsonl_records
-
     if args.data != "synthetic":
-        for _ in jsonl_records(args.data):  # validate the whole file before loading a model
-            pass
+        _check_prompts(args.data, args.samples, need_images=True)
+    _check_model_dir(args.model)
+    processor = None if args.data == "synthetic" else load_processor(args.model)  # seconds: before the model
     rank, world = _init_distributed(args.device)
     model = load_model(args.model, args.dtype, args.device)
-    if args.data == "synthetic":
+    _check_calibratable(model, args)
+    if processor is None:
         samples = synthetic_samples(model.config, args.samples or 8, seed=args.seed)
     else:
-        processor = load_processor(args.model)
         samples = jsonl_samples(args.data, processor, model.config.model_type, limit=args.samples)
-    dense_layers = [int(x) for x in args.dense_layers.split(",")] if args.dense_layers else ()
     profile = calibrate(model, samples, thresholds=args.threshold, quantile=args.quantile,
-                        dense_layers=dense_layers, source=f"{args.data} (model {args.model})")
+                        dense_layers=args.dense_layers, source=f"{args.data} (model {args.model})")
     if rank == 0:
         profile.save(args.out)
         print(profile.summary())
@@ -172,13 +365,14 @@ def cmd_inspect(args) -> int:
     from .flops import attention_flops
 
     profile = Profile.load(args.profile)
+    if args.layout and profile.model.template is None:
+        raise UserError(f"{args.profile}: the profile has no image template; cannot build layout {args.layout!r}")
     if args.threshold is not None:
+        _redecide_check(profile, args.profile, "--threshold")
         profile = profile.decide(thresholds=args.threshold)
+    layout = _layout(args.layout, Template.from_dict(profile.model.template)) if args.layout else None
     print(profile.summary())
-    if args.layout:
-        if profile.model.template is None:
-            raise SystemExit(f"{args.profile}: the profile has no image template; cannot build layout {args.layout!r}")
-        layout = Layout.from_spec(args.layout, Template.from_dict(profile.model.template))
+    if layout is not None:
         f = attention_flops(layout, profile)
         print(f"layout {args.layout} ({layout.seq_len} tokens, {int(layout.num_images[0])} images): attention FLOPs "
               f"-{100 * f.reduction:.1f}% (ideal attention speedup {f.ideal_speedup:.2f}x)")
@@ -198,92 +392,133 @@ def cmd_bench(args) -> int:
     if profile is not None:
         m = profile.model
         shape = dict(heads=m.num_heads, kv_heads=m.num_kv_heads, head_dim=m.head_dim, layers=m.num_layers)
-    cfg = BenchConfig(**{**dict(layout=args.layout, heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,
-                                dtype=args.dtype, mix=args.mix, layers=args.layers, hidden=args.hidden,
-                                repeat=args.repeat, prefill=not args.no_prefill, lowering=args.lowering,
-                                recompile_prompts=args.recompile_prompts, recompile_len=args.recompile_len), **shape})
+    try:  # the configuration's own checks (heads a multiple of kv_heads, ...) are argument errors here
+        cfg = BenchConfig(**{**dict(layout=args.layout, heads=args.heads, kv_heads=args.kv_heads,
+                                    head_dim=args.head_dim, dtype=args.dtype, mix=args.mix, layers=args.layers,
+                                    hidden=args.hidden, repeat=args.repeat, prefill=not args.no_prefill,
+                                    lowering=args.lowering, recompile_prompts=args.recompile_prompts,
+                                    recompile_len=args.recompile_len), **shape})
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if profile is None:
+        _mix(cfg.mix, cfg.heads)
     result = run(cfg, profile, progress=not args.json)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="blindsight", description=__doc__)
+    p = _Parser(prog="blindsight", description=__doc__.split("\n\n")[0], epilog=EPILOG)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a user error (as does the environment variable BLINDSIGHT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the shipped model: calibrate, accuracy dense vs BlindSight, FLOPs, prefill time")
-    d.add_argument("--samples", type=int, default=200, help="benchmark prompts (8 images each)")
-    d.add_argument("--calibration-samples", type=int, default=32)
-    d.add_argument("--threshold", type=float, default=0.95, help="recall a sparse category must keep")
-    d.add_argument("--repeat", type=int, default=5, help="timed prefill runs (median)")
-    d.add_argument("--png", default="blindsight-profile.png", help="where to draw the profile heatmap ('' for none)")
+    d = sub.add_parser("demo", help="the shipped model: calibrate, accuracy dense vs BlindSight, FLOPs, prefill time",
+                       epilog=EPILOG)
+    d.add_argument("--samples", type=positive_int, default=200, help="benchmark prompts (8 images each)")
+    d.add_argument("--calibration-samples", type=positive_int, default=32)
+    d.add_argument("--threshold", type=unit_float, default=0.95, help="recall a sparse category must keep")
+    d.add_argument("--repeat", type=positive_int, default=5, help="timed prefill runs (median)")
+    d.add_argument("--png", type=output_file, default="blindsight-profile.png",
+                   help="where to draw the profile heatmap ('' for none)")
     d.add_argument("--json", action="store_true", help="print machine-readable numbers")
     d.set_defaults(func=cmd_demo)
 
-    f = sub.add_parser("flops", help="FLOP accounting of a layout and head mix (Qwen2-VL-2B shape), mask pictures")
-    f.add_argument("--layout", default=DEMO_LAYOUT, help="layout spec, e.g. 'text:64,(image:496,text:16)x16,text:80'")
+    f = sub.add_parser("flops", help="FLOP accounting of a layout and head mix (Qwen2-VL-2B shape), mask pictures",
+                       epilog=EPILOG)
+    f.add_argument("--layout", type=layout_spec, default=DEMO_LAYOUT,
+                   help="layout spec, e.g. 'text:64,(image:496,text:16)x16,text:80'")
     f.add_argument("--mix", default=DEMO_MIX, help="categories of the 12 heads of every layer")
-    f.add_argument("--png", default="blindsight-masks.png", help="where to draw the category masks ('' for none)")
-    f.add_argument("--picture-layout", default="text:6,(image:14,text:3)x4,text:6")
+    f.add_argument("--png", type=output_file, default="blindsight-masks.png",
+                   help="where to draw the category masks ('' for none)")
+    f.add_argument("--picture-layout", type=layout_spec, default="text:6,(image:14,text:3)x4,text:6")
     f.add_argument("--json", action="store_true", help="print machine-readable numbers")
     f.set_defaults(func=cmd_flops)
 
-    c = sub.add_parser("calibrate", help="measure each head's recall on multi-image prompts and write a profile")
+    c = sub.add_parser("calibrate", help="measure each head's recall on multi-image prompts and write a profile",
+                       epilog=EPILOG)
     c.add_argument("model", help="a directory saved by save_pretrained (or a Hub id already in the local cache)")
     c.add_argument("--data", required=True, help="a JSONL prompt file, or 'synthetic' for random prompts")
-    c.add_argument("--out", required=True, help="where to write the profile JSON")
-    c.add_argument("--samples", type=int, default=None, help="number of prompts (default: all; synthetic: 8)")
-    c.add_argument("--threshold", type=float, default=0.95, help="recall a sparse category must keep")
-    c.add_argument("--quantile", type=float, default=0.0, help="quantile over prompts (0 = the worst prompt)")
-    c.add_argument("--dense-layers", default="", help="comma-separated layers forced dense")
+    c.add_argument("--out", type=output_file, required=True, help="where to write the profile JSON")
+    c.add_argument("--samples", type=positive_int, default=None, help="number of prompts (default: all; synthetic: 8)")
+    c.add_argument("--threshold", type=unit_float, default=0.95, help="recall a sparse category must keep, in [0, 1]")
+    c.add_argument("--quantile", type=unit_float, default=0.0, help="quantile over prompts (0 = the worst prompt)")
+    c.add_argument("--dense-layers", type=layer_list, default="", help="comma-separated layers forced dense")
     c.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    c.add_argument("--device", default="cpu")
+    c.add_argument("--device", type=device_arg, default="cpu")
     c.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     c.set_defaults(func=cmd_calibrate)
 
-    i = sub.add_parser("inspect", help="print a profile, its FLOP reduction on a layout, draw its heatmap")
+    i = sub.add_parser("inspect", help="print a profile, its FLOP reduction on a layout, draw its heatmap",
+                       epilog=EPILOG)
     i.add_argument("profile")
-    i.add_argument("--layout", default=None, help="layout spec, e.g. 'text:64,(image:496,text:16)x16,text:80'")
-    i.add_argument("--threshold", type=float, default=None, help="re-decide with this threshold first")
-    i.add_argument("--png", default=None, help="draw a layers x heads heatmap")
+    i.add_argument("--layout", type=layout_spec, default=None,
+                   help="layout spec, e.g. 'text:64,(image:496,text:16)x16,text:80'")
+    i.add_argument("--threshold", type=unit_float, default=None, help="re-decide with this threshold first")
+    i.add_argument("--png", type=output_file, default=None, help="draw a layers x heads heatmap")
     i.set_defaults(func=cmd_inspect)
 
-    e = sub.add_parser("eval", help="accuracy dense vs BlindSight on a multi-image QA JSONL, with a threshold sweep")
+    e = sub.add_parser("eval", help="accuracy dense vs BlindSight on a multi-image QA JSONL, with a threshold sweep",
+                       epilog=EPILOG)
     e.add_argument("model", help="a directory saved by save_pretrained (with its processor)")
     e.add_argument("--profile", required=True, help="the model's profile JSON (from blindsight calibrate)")
     e.add_argument("--data", required=True, help='JSONL: {"images": [...], "text": "... <image> ...", "answer": "..."}')
-    e.add_argument("--samples", type=int, default=None, help="first N prompts (default: all)")
-    e.add_argument("--thresholds", default="", help="comma-separated recall thresholds to re-decide the profile with")
-    e.add_argument("--pad-to", type=int, default=64, help="right-pad prompts to a multiple of this (fewer compiles)")
+    e.add_argument("--samples", type=positive_int, default=None, help="first N prompts (default: all)")
+    e.add_argument("--thresholds", type=unit_floats, default="",
+                   help="comma-separated recall thresholds to re-decide the profile with")
+    e.add_argument("--pad-to", type=positive_int, default=64,
+                   help="right-pad prompts to a multiple of this (fewer compiles)")
     e.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    e.add_argument("--device", default="cpu")
+    e.add_argument("--device", type=device_arg, default="cpu")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=cmd_eval)
 
-    b = sub.add_parser("bench", help="compiled dense SDPA vs BlindSight: one layer's attention and a whole prefill")
-    b.add_argument("--layout", default=DEMO_LAYOUT)
-    b.add_argument("--heads", type=int, default=12)
-    b.add_argument("--kv-heads", type=int, default=2)
-    b.add_argument("--head-dim", type=int, default=128)
+    b = sub.add_parser("bench", help="compiled dense SDPA vs BlindSight: one layer's attention and a whole prefill",
+                       epilog=EPILOG)
+    b.add_argument("--layout", type=layout_spec, default=DEMO_LAYOUT)
+    b.add_argument("--heads", type=positive_int, default=12)
+    b.add_argument("--kv-heads", type=positive_int, default=2)
+    b.add_argument("--head-dim", type=positive_int, default=128)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = b.add_mutually_exclusive_group()
     g.add_argument("--mix", default=DEMO_MIX, help="categories of the heads of every layer")
     g.add_argument("--profile", default=None, help="use a profile's categories and shape instead of --mix")
-    b.add_argument("--layers", type=int, default=2, help="layers of the prefill model")
-    b.add_argument("--hidden", type=int, default=1536, help="hidden size of the prefill model")
-    b.add_argument("--repeat", type=int, default=5, help="timed runs (median)")
+    b.add_argument("--layers", type=positive_int, default=2, help="layers of the prefill model")
+    b.add_argument("--hidden", type=positive_int, default=1536, help="hidden size of the prefill model")
+    b.add_argument("--repeat", type=positive_int, default=5, help="timed runs (median)")
     b.add_argument("--no-prefill", action="store_true", help="skip the whole-prefill measurement")
     b.add_argument("--lowering", default="auto", choices=["auto", "flex", "segments"])
-    b.add_argument("--recompile-prompts", type=int, default=10,
+    b.add_argument("--recompile-prompts", type=non_negative_int, default=10,
                    help="prefill prompts of one length with images moved, counting compilations (0: skip)")
-    b.add_argument("--recompile-len", type=int, default=1024, help="their length in tokens")
+    b.add_argument("--recompile-len", type=positive_int, default=1024, help="their length in tokens")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line; an OSError as 'file: reason' rather than '[Errno 2] ...'."""
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        text = f"{e.filename}: {e.strerror}"
+    else:
+        text = str(e) or type(e).__name__
+    return " ".join(text.split())
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get("BLINDSIGHT_DEBUG", "") not in ("", "0")
+    try:
+        return args.func(args)
+    except USER_ERRORS as e:
+        if debug:
+            raise
+        print(f"blindsight: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print("blindsight: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ IMAGE_MARKER = "<image>"
 
 
 class DataError(ValueError):
-    """A calibration data file is malformed; the message names the file and line."""
+    """Prompt data is unreadable, malformed or unusable for the model; the message names the file and line."""
 
 
 def _text_ids(config, n: int, g: torch.Generator) -> list[int]:
@@ -73,7 +73,7 @@ def _synthetic_prompt(config, n_images: int, runs: list[int], g) -> dict:
             s = config.vision_config.image_size
             pixels.append(torch.randn(1, config.vision_config.num_channels, s, s, generator=g))
         else:
-            raise ValueError(f"synthetic prompts know qwen2_vl, qwen2_5_vl and gemma3, not {mt!r}")
+            raise DataError(f"synthetic prompts know qwen2_vl, qwen2_5_vl and gemma3, not {mt!r}")
     sample = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
               "pixel_values": torch.cat(pixels)}
     if mt == "gemma3":
@@ -84,31 +84,53 @@ def _synthetic_prompt(config, n_images: int, runs: list[int], g) -> dict:
     return sample
 
 
-def jsonl_records(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """``(line number, record)`` of a JSONL prompt file, validated: images exist, markers match images."""
-    base = os.path.dirname(os.path.abspath(path))
-    with open(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {lineno}"
+def _text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of a UTF-8 file; DataError names the file, and the line it cannot decode."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: is a directory, not a JSONL file")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file: {e.strerror}") from e
+    with f:
+        for lineno, raw in enumerate(f, 1):
+            # decoded line by line, not by open(encoding=...), so that an error can name its line
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{where}: not valid JSON ({e})") from e
-            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                raise DataError(f"{where}: expected an object with a \"text\" string")
-            images = rec.get("images", [])
-            if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-                raise DataError(f"{where}: \"images\" must be a list of file paths")
-            markers = rec["text"].count(IMAGE_MARKER)
-            if markers != len(images):
-                raise DataError(f"{where}: the text has {markers} {IMAGE_MARKER} markers but {len(images)} images")
-            paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
-            missing = [p for p in paths if not os.path.isfile(p)]
-            if missing:
-                raise DataError(f"{where}: image file not found: {missing[0]}")
-            yield lineno, dict(rec, images=paths)
+                yield lineno, raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path}, line {lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                f"{e.start + 1})") from None
+
+
+def jsonl_records(path: str | os.PathLike, require_answer: bool = False) -> Iterator[tuple[int, dict]]:
+    """``(line number, record)`` of a JSONL prompt file, validated: images exist, markers match images (and,
+    with ``require_answer``, a non-empty ``answer`` string)."""
+    base = os.path.dirname(os.path.abspath(path))
+    for lineno, line in _text_lines(path):
+        if not line.strip():
+            continue
+        where = f"{path}, line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from e
+        except RecursionError:
+            raise DataError(f"{where}: JSON nested too deeply to read") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+            raise DataError(f"{where}: expected an object with a \"text\" string")
+        if require_answer and not (isinstance(rec.get("answer"), str) and rec["answer"].strip()):
+            raise DataError(f"{where}: an evaluation record needs a non-empty \"answer\" string")
+        images = rec.get("images", [])
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise DataError(f"{where}: \"images\" must be a list of file paths")
+        markers = rec["text"].count(IMAGE_MARKER)
+        if markers != len(images):
+            raise DataError(f"{where}: the text has {markers} {IMAGE_MARKER} markers but {len(images)} images")
+        paths = [p if os.path.isabs(p) else os.path.join(base, p) for p in images]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            raise DataError(f"{where}: image file not found: {missing[0]}")
+        yield lineno, dict(rec, images=paths)
 
 
 # what each model's processor expands into one image (Qwen: the placeholder between its delimiters)
@@ -147,7 +169,11 @@ def load_processor(path: str | os.PathLike):
         return ShapesProcessor.from_pretrained(path)
     from transformers import AutoProcessor
 
-    return AutoProcessor.from_pretrained(path)
+    try:
+        return AutoProcessor.from_pretrained(path)
+    except OSError as e:  # transformers' message for missing processor files runs over many lines
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{path}: cannot load the model's processor ({first})") from e
 
 
 def jsonl_samples(path, processor, model_type: str, limit: int | None = None) -> Iterator[dict]:

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .backend import blindsight_backend, use_layout
+from .fx import blindsight_backend
+from .layout import use_layout
 from .bench import _median_time
 from .calibrate import calibrate
 from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples

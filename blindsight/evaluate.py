@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .backend import blindsight_backend, use_layout
+from .fx import blindsight_backend
+from .layout import use_layout
 from .flops import prefill_flops
 from .layout import Layout, Template
 from .profile import Profile
@@ -73,14 +74,12 @@ def make_examples(processor, records, model_type: str, pad_to: int = 64, pad_id:
 
 def jsonl_examples(path, processor, model_type: str, limit: int | None = None, pad_to: int = 64, pad_id: int = 0):
     """Examples from a JSONL QA file (``images``, ``text`` with ``<image>``, ``answer``); DataError names the line."""
-    from .data import DataError, jsonl_records, open_images
+    from .data import jsonl_records, open_images
 
     records = []
-    for lineno, rec in jsonl_records(path):
+    for lineno, rec in jsonl_records(path, require_answer=True):
         if limit is not None and len(records) >= limit:
             break
-        if not isinstance(rec.get("answer"), str) or not rec["answer"].strip():
-            raise DataError(f"{path}, line {lineno}: an evaluation record needs a non-empty \"answer\" string")
         records.append(dict(rec, images=open_images(rec["images"], f"{path}, line {lineno}")))
     return make_examples(processor, records, model_type, pad_to, pad_id)
 
@@ -156,6 +155,8 @@ def flop_reductions(examples: list[Example], profile: Profile, config) -> tuple[
 def evaluate(model, examples: list[Example], profile: Profile, thresholds=(None,), progress: bool = True,
              **backend_options) -> tuple[float, list[EvalResult]]:
     """Dense accuracy, then for each threshold (None: the profile as decided) BlindSight's accuracy and FLOPs."""
+    if not examples:
+        raise ValueError("evaluate needs at least one example")
     profile.check_model(model)
     dense_hits = accuracy(model, examples, progress=progress, desc="dense")
     dense = sum(dense_hits) / len(examples)

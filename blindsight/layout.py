@@ -9,13 +9,19 @@ Malformed prompts raise :class:`LayoutError` naming the row and the position; no
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
+import os
 import re
+import sys
+import threading
 from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["Template", "Layout", "LayoutError", "parse_layout_spec", "input_ids_from_spec"]
+__all__ = ["Template", "Layout", "LayoutError", "parse_layout_spec", "input_ids_from_spec", "use_layout",
+           "active_layout", "layout_from_ids", "enclosing_input_ids"]
 
 
 class LayoutError(ValueError):
@@ -112,12 +118,15 @@ class Layout:
             raise ValueError(f"Layout: image and sink must both be [B, S]; got {self.image.shape}, {self.sink.shape}")
         object.__setattr__(self, "image", self.image.to(torch.int32))
         object.__setattr__(self, "sink", self.sink.to(torch.bool))
-        if not self.key:
+        if not self.key:  # a new layout (``to`` keeps the key of a checked one): check it, then digest it
+            image, sink = self.image.cpu(), self.sink.cpu()
+            _check_layout(image, sink)
             h = hashlib.blake2b(digest_size=16)
             h.update(str(tuple(self.image.shape)).encode())
-            h.update(self.image.cpu().numpy().tobytes())
-            h.update(self.sink.cpu().numpy().tobytes())
+            h.update(image.numpy().tobytes())
+            h.update(sink.numpy().tobytes())
             object.__setattr__(self, "key", h.hexdigest())
+        object.__setattr__(self, "_has_images", bool((self.image >= 0).any()))
 
     @property
     def batch_size(self) -> int:
@@ -134,9 +143,11 @@ class Layout:
 
     @property
     def has_images(self) -> bool:
-        return bool((self.image >= 0).any())
+        return self._has_images
 
     def to(self, device) -> "Layout":
+        if self.image.device == torch.device(device):
+            return self
         return Layout(self.image.to(device), self.sink.to(device), self.key)
 
     def segments(self, row: int = 0) -> list[tuple[int, int]]:
@@ -194,6 +205,30 @@ class Layout:
     def from_spec(cls, spec: str, template: Template) -> "Layout":
         """The layout of :func:`input_ids_from_spec` (batch 1)."""
         return cls.from_input_ids(input_ids_from_spec(spec, template), template)
+
+
+def _check_layout(image: torch.Tensor, sink: torch.Tensor) -> None:
+    """Raise LayoutError unless every row's segments are contiguous, numbered 0, 1, ... in order, and every
+    sink is an image token: what every lowering assumes (a hand-made Layout is checked like a parsed one)."""
+    if image.numel() == 0:
+        return
+    if bool((image < -1).any()):
+        row, pos = (image < -1).nonzero()[0].tolist()
+        raise LayoutError(f"row {row}, position {pos}: image id {int(image[row, pos])} (text is -1, images 0, 1, ...)")
+    bad_sink = sink & (image < 0)
+    if bool(bad_sink.any()):
+        row, pos = bad_sink.nonzero()[0].tolist()
+        raise LayoutError(f"row {row}, position {pos}: a sink flag on a text token (sinks are image tokens)")
+    prev = torch.nn.functional.pad(image, (1, 0), value=-1)[:, :-1]
+    starts = (image >= 0) & (image != prev)
+    # the k-th segment start of a row must carry id k: ids in order, none reused after a gap
+    expected = torch.cumsum(starts.int(), dim=1) - 1
+    bad = starts & (image != expected)
+    if bool(bad.any()):
+        row, pos = bad.nonzero()[0].tolist()
+        raise LayoutError(f"row {row}, position {pos}: image id {int(image[row, pos])} starts a segment where "
+                          f"id {int(expected[row, pos])} was expected (each image's tokens must be one contiguous "
+                          "run, numbered 0, 1, ... in order)")
 
 
 def _check_delimiters(ids, opens, closes, is_img, template: Template) -> None:
@@ -298,3 +333,83 @@ def input_ids_from_spec(spec: str, template: Template, text_token_id: int = 0) -
         else:
             out += [template.image_token_ids[0]] * n
     return torch.tensor([out], dtype=torch.long)
+
+
+# ---- where the run time finds a prompt's layout ----------------------------------------------------------
+_ACTIVE_LAYOUT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("blindsight_layout", default=None)
+
+
+@contextlib.contextmanager
+def use_layout(layout: Layout):
+    """Use this layout for every BlindSight attention call inside the block (e.g. a model fed ``inputs_embeds``)."""
+    if not isinstance(layout, Layout):
+        raise TypeError(f"use_layout needs a blindsight.Layout, got {type(layout).__name__}")
+    token = _ACTIVE_LAYOUT.set(layout)
+    try:
+        yield layout
+    finally:
+        _ACTIVE_LAYOUT.reset(token)
+
+
+def active_layout() -> Layout | None:
+    """The layout of the innermost :func:`use_layout` block, or None."""
+    return _ACTIVE_LAYOUT.get()
+
+
+_MEMO: list = []  # [(ids copy, mask copy, template, layout)], newest first
+_MEMO_LOCK = threading.Lock()
+_MEMO_SIZE = 4
+
+
+def layout_from_ids(input_ids: torch.Tensor, template: Template, attention_mask=None) -> Layout:
+    """:meth:`Layout.from_input_ids`, memoized on the *content* of the ids and mask (every graph and every layer
+    of one forward asks; a reused buffer with new content is a new prompt). Works on inference tensors."""
+    with _MEMO_LOCK:
+        for ids, mask, tpl, layout in _MEMO:
+            if (tpl == template and ids.shape == input_ids.shape and ids.device == input_ids.device
+                    and torch.equal(ids, input_ids) and _same_mask(mask, attention_mask)):
+                return layout
+    layout = Layout.from_input_ids(input_ids, template, attention_mask)
+    entry = (input_ids.detach().clone(), None if attention_mask is None else attention_mask.detach().clone(),
+             template, layout)
+    with _MEMO_LOCK:
+        _MEMO.insert(0, entry)
+        del _MEMO[_MEMO_SIZE:]
+    return layout
+
+
+def _same_mask(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+
+
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+
+
+def enclosing_input_ids(max_frames: int = 200):
+    """``(input_ids, attention_mask)`` of the innermost running model call that has them, else ``(None, None)``.
+
+    Walks up the Python stack (skipping torch's and BlindSight's own frames) through the frames of
+    ``nn.Module`` methods, and returns the first ``input_ids`` local that is a 2-D integer tensor, with that
+    frame's ``attention_mask`` if it is 2-D. It stops at the first frame that is not a module method (the
+    caller's own code). Every frame it looks at is still running, so the ids always belong to the forward call
+    in progress: a call made with ``inputs_embeds`` only never inherits an earlier prompt's ids. Qwen2-VL's
+    language model, for one, sees only ``inputs_embeds``; the VLM's forward that called it holds the ids.
+    """
+    f = sys._getframe(1)
+    for _ in range(max_frames):
+        if f is None:
+            break
+        code = f.f_code
+        if not code.co_filename.startswith(_INTERNAL_DIRS):
+            local = f.f_locals
+            if not isinstance(local.get("self"), torch.nn.Module):
+                break
+            ids = local.get("input_ids")
+            if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+                mask = local.get("attention_mask")
+                mask = mask if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else None
+                return ids, mask
+        f = f.f_back
+    return None, None

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
+import operator
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import IntEnum
 from typing import Any, Sequence
 
@@ -22,6 +23,27 @@ __all__ = [
 
 PROFILE_FORMAT = "blindsight-profile"
 PROFILE_VERSION = 1
+
+
+def _is_int(v) -> bool:
+    """An integer in the JSON sense: ``True == 1`` in Python, but a bool in a size or version field is a mistake."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _show(v, limit: int = 60) -> str:
+    """``repr(v)`` cut short: error messages stay one readable line even for a huge wrong value."""
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _integral(v) -> int | None:
+    """``v`` as an int if it is an integer (int, numpy int, or a float such as 2.0), else None. Not bools."""
+    if isinstance(v, bool):
+        return None
+    try:
+        return operator.index(v)
+    except TypeError:
+        return int(v) if isinstance(v, float) and v.is_integer() else None
 
 
 class Category(IntEnum):
@@ -42,16 +64,16 @@ class Category(IntEnum):
 
     @classmethod
     def parse(cls, value: "Category | str | int") -> "Category":
+        """A Category, its name (any case) or its number 0-3. Bools and fractional numbers are refused, not
+        rounded: ``int(2.7)`` and ``True == 1`` would silently pick a category."""
         if isinstance(value, Category):
             return value
-        if isinstance(value, str):
-            try:
-                return cls[value.strip().upper()]
-            except KeyError:
-                raise ValueError(
-                    f"unknown category {value!r}; expected one of {[c.json_name for c in cls]}"
-                ) from None
-        return cls(int(value))
+        if isinstance(value, str) and value.strip().upper() in cls.__members__:
+            return cls[value.strip().upper()]
+        number = None if isinstance(value, str) else _integral(value)
+        if number is not None and 0 <= number < len(cls):
+            return cls(number)
+        raise ValueError(f"unknown category {_show(value)}; expected one of {[c.json_name for c in cls]} (or 0-3)")
 
 
 class ProfileFormatError(ValueError):
@@ -60,6 +82,49 @@ class ProfileFormatError(ValueError):
 
 class ProfileMismatchError(ValueError):
     """The profile was made for a model of another shape."""
+
+
+_SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+_TEMPLATE_IDS = ("image_open_ids", "image_close_ids", "image_token_ids")
+
+
+def _check_model_fields(m: dict, where: str) -> None:
+    """ValueError naming ``where.<field>`` for a model field of the wrong type or value."""
+    if not isinstance(m["model_type"], str):
+        raise ValueError(f"{where}.model_type must be a string, got {_show(m['model_type'])}")
+    for name in _SHAPE_FIELDS:
+        if not _is_int(m[name]) or m[name] < 1:
+            raise ValueError(f"{where}.{name} must be a positive int, got {_show(m[name])}")
+    if m["num_heads"] % m["num_kv_heads"]:
+        raise ValueError(f"{where}: num_heads {m['num_heads']} is not a multiple of num_kv_heads {m['num_kv_heads']}")
+    if m.get("template") is not None:
+        check_template_dict(m["template"], f"{where}.template")
+
+
+def check_template_dict(t, where: str = "template") -> None:
+    """ValueError naming ``where.<field>`` unless ``t`` is what :meth:`Template.to_dict` writes: lists of int
+    token ids, ``sinks_per_image`` >= 1 (1 when absent), and Template's own checks pass. Template alone would
+    turn ``"5"`` or ``5.7`` into the id 5."""
+    if not isinstance(t, dict):
+        raise ValueError(f"{where} must be an object with {list(_TEMPLATE_IDS)} and sinks_per_image, got {_show(t)}")
+    for key in t:
+        if key not in _TEMPLATE_IDS + ("sinks_per_image",):
+            raise ValueError(f"{where}.{key} is not a template field")
+    for name in _TEMPLATE_IDS:
+        if name not in t:
+            raise ValueError(f"{where}.{name} is missing")
+        if not isinstance(t[name], (list, tuple)):
+            raise ValueError(f"{where}.{name} must be a list of token ids, got {_show(t[name])}")
+        for i, v in enumerate(t[name]):
+            if not _is_int(v) or v < 0:
+                raise ValueError(f"{where}.{name}[{i}] must be a token id (an int >= 0), got {_show(v)}")
+    sinks = t.get("sinks_per_image", 1)
+    if not _is_int(sinks) or sinks < 1:
+        raise ValueError(f"{where}.sinks_per_image must be an int >= 1, got {_show(sinks)}")
+    try:
+        Template.from_dict(t)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -74,12 +139,7 @@ class ModelInfo:
     template: dict | None = None
 
     def __post_init__(self):
-        for name in ("num_layers", "num_heads", "num_kv_heads", "head_dim"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"ModelInfo.{name} must be a positive int, got {v!r}")
-        if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"ModelInfo: num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        _check_model_fields({f.name: getattr(self, f.name) for f in fields(self)}, "ModelInfo")
 
     @classmethod
     def from_config(cls, config) -> "ModelInfo":
@@ -207,14 +267,14 @@ class Profile:
     def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> "Profile":
         """A new profile decided from the stored per-prompt statistics (no model run). Unset arguments keep
         this profile's settings."""
-        from .calibrate import aggregate_recall, decide_categories, normalize_thresholds
+        from .calibrate import (aggregate_recall, check_dense_layers, check_quantile, decide_categories,
+                                normalize_thresholds)
 
         cal = dict(self.calibration)
-        if thresholds is None:
-            thresholds = cal.get("thresholds")
-        quantile = cal.get("quantile", 0.0) if quantile is None else float(quantile)
-        dense_layers = tuple(cal.get("dense_layers", ())) if dense_layers is None else tuple(dense_layers)
-        th = normalize_thresholds(thresholds)
+        th = normalize_thresholds(cal.get("thresholds") if thresholds is None else thresholds)
+        quantile = check_quantile(cal.get("quantile", 0.0) if quantile is None else quantile)
+        dense_layers = check_dense_layers(cal.get("dense_layers", ()) if dense_layers is None else dense_layers,
+                                          self.model.num_layers)
         cats = decide_categories(aggregate_recall(self._recalls(), quantile), th, dense_layers)
         cal.update(thresholds={c.json_name: v for c, v in th.items()}, quantile=quantile,
                    dense_layers=list(dense_layers))
@@ -242,30 +302,94 @@ class Profile:
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "profile") -> "Profile":
+        """A profile from its JSON object. Every field is checked (type, range, shape): a malformed one is a
+        :class:`ProfileFormatError` that names it, never a coerced value or a later IndexError."""
         if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
             raise ProfileFormatError(f"{source}: not a BlindSight profile (expected \"format\": \"{PROFILE_FORMAT}\")")
-        version = d.get("version")
-        if version != PROFILE_VERSION:
-            newer = isinstance(version, int) and version > PROFILE_VERSION
-            raise ProfileFormatError(
-                f"{source}: profile format version {version!r} is not supported (this BlindSight reads version "
-                f"{PROFILE_VERSION})" + ("; upgrade blindsight to read it." if newer else ".")
-            )
+        _check_version(d.get("version"), source)
         try:
-            model = ModelInfo(**d["model"])
-            return cls(model, tuple(tuple(layer) for layer in d["categories"]), dict(d.get("calibration") or {}), d.get("scores"))
+            model = ModelInfo(**_model_fields(d.get("model")))
+            categories = _file_categories(d.get("categories"))
+            calibration = _calibration_settings(d.get("calibration"), model)
+            scores = d.get("scores")
+            if scores is not None:
+                from .calibrate import check_scores
+
+                check_scores(scores, model.num_layers, model.num_heads)
+            return cls(model, categories, calibration, scores)
         except ProfileMismatchError as e:
             raise ProfileFormatError(f"{source}: inconsistent profile: {e}") from e
-        except (KeyError, TypeError, ValueError) as e:
+        except ValueError as e:
+            raise ProfileFormatError(f"{source}: malformed profile: {e}") from e
+        except (KeyError, TypeError) as e:  # a check missing above: still the file's fault, still one message
             raise ProfileFormatError(f"{source}: malformed profile: {type(e).__name__}: {e}") from e
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Profile":
         try:
-            with open(path) as f:
+            with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise ProfileFormatError(f"{path}: corrupt profile, not valid JSON ({e})") from e
         except UnicodeDecodeError as e:
             raise ProfileFormatError(f"{path}: corrupt profile, not text ({e})") from e
+        except RecursionError:  # json's decoder recurses per nesting level
+            raise ProfileFormatError(f"{path}: corrupt profile, JSON nested too deeply to read") from None
         return cls.from_dict(d, source=str(path))
+
+
+def _check_version(version, source: str) -> None:
+    if not _is_int(version):  # 1.0 and true compare equal to 1 but are not what any BlindSight wrote
+        raise ProfileFormatError(f'{source}: "version" must be the integer {PROFILE_VERSION}, got {_show(version)}')
+    if version != PROFILE_VERSION:
+        raise ProfileFormatError(
+            f"{source}: profile format version {version!r} is not supported (this BlindSight reads version "
+            f"{PROFILE_VERSION})" + ("; upgrade blindsight to read it." if version > PROFILE_VERSION else ".")
+        )
+
+
+def _model_fields(m) -> dict:
+    """The file's ``model`` object, checked field by field (names as in the file: ``model.<field>``)."""
+    names = [f.name for f in fields(ModelInfo)]
+    if not isinstance(m, dict):
+        raise ValueError(f"model must be an object with {names}, got {_show(m)}")
+    for key in m:
+        if key not in names:
+            raise ValueError(f"model.{key} is not a model field (fields: {names})")
+    for name in names:
+        if name not in m and name != "template":
+            raise ValueError(f"model.{name} is missing")
+    _check_model_fields(m, "model")
+    return m
+
+
+def _file_categories(categories) -> tuple[tuple[str, ...], ...]:
+    """``categories[layer][head]``: the JSON names only (a number or bool in a file is a mistake, not a code)."""
+    if not isinstance(categories, list) or not all(isinstance(layer, list) for layer in categories):
+        raise ValueError(f"categories must be a list of layers, each a list of category names, got {_show(categories)}")
+    names = [c.json_name for c in Category]
+    for l, layer in enumerate(categories):
+        for h, name in enumerate(layer):
+            if not isinstance(name, str) or name not in names:
+                raise ValueError(f"categories[{l}][{h}]: unknown category {_show(name)}; expected one of {names}")
+    return tuple(tuple(layer) for layer in categories)
+
+
+def _calibration_settings(calibration, model: ModelInfo) -> dict:
+    """The ``calibration`` object; the settings :meth:`Profile.decide` reuses are checked now, not at a later
+    decide."""
+    if calibration is None:
+        return {}
+    if not isinstance(calibration, dict):
+        raise ValueError(f"calibration must be an object, got {_show(calibration)}")
+    if not {"thresholds", "quantile", "dense_layers"} & calibration.keys():
+        return dict(calibration)  # hand-made: nothing to check (and no need to import the calibration code)
+    from .calibrate import check_dense_layers, check_quantile, normalize_thresholds
+
+    try:
+        normalize_thresholds(calibration.get("thresholds"))
+        check_quantile(calibration.get("quantile", 0.0))
+        check_dense_layers(calibration.get("dense_layers", ()), model.num_layers)
+    except ValueError as e:
+        raise ValueError(f"calibration: {e}") from None
+    return dict(calibration)

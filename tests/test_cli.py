@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,8 @@ import sys
 import pytest
 import torch
 
-from blindsight import Profile
+import blindsight
+from blindsight import ModelInfo, Profile
 from blindsight.cli import main
 from blindsight.data import DataError, jsonl_records, synthetic_samples
 from tiny_models import build
@@ -71,7 +73,7 @@ def _write(tmp_path, lines):
     return path
 
 
-def test_bad_jsonl_names_the_line(tmp_path, model_dir):
+def test_bad_jsonl_names_the_line(tmp_path, model_dir, capsys):
     """Test 6: a missing image file, or more <image> markers than images, is reported with its line."""
     from PIL import Image
 
@@ -80,9 +82,13 @@ def test_bad_jsonl_names_the_line(tmp_path, model_dir):
     path = _write(tmp_path, [good, {"images": ["a.png"], "text": "<image> and <image>"}])
     with pytest.raises(DataError, match=r"data.jsonl, line 2: the text has 2 <image> markers but 1 images"):
         list(jsonl_records(path))
+    path = _write(tmp_path, [good, {"images": []}])
+    with pytest.raises(DataError, match=r"data.jsonl, line 2: expected an object with a \"text\" string"):
+        list(jsonl_records(path))
     path = _write(tmp_path, [good, good, {"images": ["a.png", "missing.png"], "text": "<image><image>"}])
-    with pytest.raises(DataError, match=r"line 3: image file not found: .*missing.png"):
-        main(["calibrate", model_dir, "--data", str(path), "--out", str(tmp_path / "p.json")])
+    assert main(["calibrate", model_dir, "--data", str(path), "--out", str(tmp_path / "p.json")]) == 2
+    assert re.fullmatch(r"blindsight: error: .*data.jsonl, line 3: image file not found: .*missing.png\n",
+                        capsys.readouterr().err)
     assert [n for n, _ in jsonl_records(_write(tmp_path, [good, good]))] == [1, 2]
 
 
@@ -118,3 +124,95 @@ def test_calibrate_from_jsonl_with_the_models_processor(tmp_path):
     p = Profile.load(out)
     assert [r["image_rows"] for r in p.scores["prompts"]] == [6 * (i + 2) for i in range(3)]
     assert p.model.model_type == "gemma3"
+
+
+# ---- user errors: exit status 2 and one line on stderr, no traceback ("Zero silent wrong answers", item 7) ---------
+
+def run_cli(*args, env=None):
+    """``python -m blindsight ARGS`` in a subprocess, importing this very checkout of blindsight."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(blindsight.__file__)))
+    inherited = {k: v for k, v in os.environ.items() if k != "BLINDSIGHT_DEBUG"}  # debugging only where asked
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    env = dict(inherited, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "blindsight", *map(str, args)], capture_output=True, text=True,
+                          env=env, timeout=300)
+
+
+def assert_user_error(r, *words):
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].strip(), r.stderr[-3000:]
+    for w in words:
+        assert w in lines[0], (w, lines[0])
+
+
+@pytest.fixture
+def files(tmp_path):
+    """A valid one-prompt JSONL file, a model directory that does not exist, an output path."""
+    from PIL import Image
+
+    Image.new("RGB", (28, 28)).save(tmp_path / "a.png")
+    data = _write(tmp_path, [{"images": ["a.png"], "text": "look <image> here", "answer": "x"}])
+    return {"data": str(data), "model": str(tmp_path / "no-such-model"), "out": str(tmp_path / "p.json"),
+            "profile": str(tmp_path / "no-such-profile.json")}
+
+
+CALIBRATE = ["calibrate", "{model}", "--data", "{data}", "--out", "{out}"]
+EVAL = ["eval", "{model}", "--profile", "{profile}", "--data", "{data}"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (CALIBRATE + ["--samples", "0"], ["argument --samples", "positive integer", "'0'"]),
+    (CALIBRATE + ["--samples", "-3"], ["argument --samples", "positive integer", "'-3'"]),
+    (CALIBRATE + ["--threshold", "2"], ["argument --threshold", "in [0, 1]", "'2'"]),
+    (CALIBRATE + ["--quantile", "1.5"], ["argument --quantile", "in [0, 1]", "'1.5'"]),
+    (CALIBRATE + ["--dense-layers", "a"], ["argument --dense-layers", "'a'"]),
+    (EVAL + ["--samples", "0"], ["argument --samples", "positive integer"]),
+    pytest.param(CALIBRATE + ["--device", "cuda"], ["argument --device", "CUDA is not available"],
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
+])
+def test_bad_arguments_are_refused_before_any_model_loads(files, args, words):
+    """The model path does not exist: an argument error must come first, with no model needed."""
+    assert_user_error(run_cli(*(a.format(**files) for a in args)), *words)
+
+
+def test_bad_data_files_are_named(tmp_path, files):
+    """Non-UTF-8 text, a directory, an empty file, invalid JSON: each named with its file (and line)."""
+    cases = {"latin1.jsonl": (b'{"text": "ok"}\n{"text": "caf\xe9"}\n', ["latin1.jsonl, line 2", "UTF-8"]),
+             "empty.jsonl": (b"\n", ["empty.jsonl", "no prompts"]),
+             "broken.jsonl": (b'{"text": "ok"}\n{"text": \n', ["broken.jsonl, line 2", "not valid JSON"])}
+    for name, (content, words) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        assert_user_error(run_cli("calibrate", files["model"], "--data", tmp_path / name, "--out", files["out"]),
+                          *words)
+    assert_user_error(run_cli("calibrate", files["model"], "--data", tmp_path, "--out", files["out"]),
+                      str(tmp_path), "is a directory")
+
+
+def test_missing_model_is_named(tmp_path, files):
+    assert_user_error(run_cli(*(a.format(**files) for a in CALIBRATE)), files["model"], "does not exist")
+    (tmp_path / "not-a-model").mkdir()
+    assert_user_error(run_cli("calibrate", tmp_path / "not-a-model", "--data", files["data"], "--out", files["out"]),
+                      "not-a-model", "no config.json")
+
+
+def test_inspect_malformed_profile(tmp_path):
+    d = Profile.uniform("sink", ModelInfo("qwen2_vl", 2, 4, 2, 16)).to_dict()
+    d["model"]["template"] = "qwen2_vl"
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    assert_user_error(run_cli("inspect", tmp_path / "p.json"), "p.json", "model.template must be an object")
+
+
+@pytest.mark.parametrize("how", ["--debug", "BLINDSIGHT_DEBUG=1"])
+def test_debug_shows_the_traceback(tmp_path, how):
+    args, env = (["--debug"], None) if how == "--debug" else ([], {"BLINDSIGHT_DEBUG": "1"})
+    r = run_cli(*args, "inspect", tmp_path / "missing.json", env=env)
+    assert r.returncode != 0 and "Traceback" in r.stderr and "missing.json" in r.stderr, r.stderr[-3000:]
+
+
+def test_help_documents_exit_status():
+    from blindsight.cli import build_parser
+
+    text = " ".join(build_parser().format_help().split()).lower()
+    assert "exit status 2" in text and "--debug" in text and "blindsight_debug=1" in text

@@ -96,7 +96,7 @@ def test_fast_path_reuses_plan_across_layouts():
 
 def test_masks_built_per_call_beyond_the_budget(monkeypatch):
     """A layout whose masks exceed the plan's budget builds them per call: same result."""
-    import blindsight.lowering as lowering
+    import blindsight.lowering.segments as lowering
 
     monkeypatch.setattr(lowering, "_MASK_BUDGET", 0)
     monkeypatch.setattr(lowering, "_PLANS", {})

@@ -72,3 +72,114 @@ def test_profile_for_another_model_shape():
         p.check_model(other)
     with pytest.raises(ProfileMismatchError, match="2 heads but its model has 4"):
         Profile.from_categories([["dense", "dense"]] * 3, INFO)
+
+
+# ---- strict loading: every malformed field is a ProfileFormatError that names it ("Zero silent wrong answers") -------
+
+TEMPLATE = {"image_open_ids": [252], "image_close_ids": [253], "image_token_ids": [250, 251], "sinks_per_image": 1}
+
+
+def scored_dict():
+    """A saved profile with a template and calibration statistics of the right shape (2 prompts x 3 layers x
+    4 heads x 3)."""
+    recall = [[[0.99, 0.9, 0.5]] * 4] * 3
+    scores = {"statistic": "recall", "categories": ["intra_sink", "intra", "sink"],
+              "prompts": [{"sample": i, "row": 0, "image_rows": 10, "recall": recall} for i in range(2)]}
+    info = ModelInfo("qwen2_vl", num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, template=TEMPLATE)
+    return Profile(info, (("dense",) * 4,) * 3, {"quantile": 0.0}, scores).to_dict()
+
+
+def set_recall(d, value):
+    d["scores"]["prompts"][1]["recall"] = [[[0.99, 0.9, 0.5]] * 4] * 3
+    d["scores"]["prompts"][1]["recall"][2] = [[0.99, 0.9, 0.5]] * 3 + [[0.99, value, 0.5]]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d.update(version=1.0), r'"version" must be the integer 1, got 1\.0'),
+    (lambda d: d.update(version=True), r'"version" must be the integer 1, got True'),
+    (lambda d: d["categories"][1].__setitem__(2, 2.7), r"categories\[1\]\[2\]: unknown category 2\.7; expected"),
+    (lambda d: d["categories"][0].__setitem__(0, True), r"categories\[0\]\[0\]: unknown category True; expected"),
+    (lambda d: d["model"].update(template="qwen"), r"model\.template must be an object"),
+    (lambda d: d["model"]["template"].pop("image_token_ids"), r"model\.template\.image_token_ids is missing"),
+    (lambda d: d["model"]["template"].update(sinks_per_image=0), r"model\.template\.sinks_per_image must be"),
+    (lambda d: d["model"]["template"].update(image_open_ids=["5"]), r"model\.template\.image_open_ids\[0\]"),
+    (lambda d: d["model"]["template"].update(image_open_ids=[]), r"model\.template: .*parallel"),
+    (lambda d: d["model"].update(num_kv_heads=True), r"model\.num_kv_heads must be a positive int, got True"),
+    (lambda d: d["model"].update(model_type=7), r"model\.model_type must be a string"),
+    (lambda d: d["model"].update(heads=4), r"model\.heads is not a model field"),
+    (lambda d: d.update(calibration=[["quantile", 0.5]]), r"calibration must be an object"),
+    (lambda d: d["calibration"].update(quantile=True), r"calibration: quantile must be a number"),
+    (lambda d: set_recall(d, 1.5), r"scores\.prompts\[1\]\.recall\[2\]\[3\]\[1\] must be a recall in \[0, 1\], got 1\.5"
+     ),
+    (lambda d: set_recall(d, float("nan")), r"scores\.prompts\[1\]\.recall\[2\]\[3\]\[1\] must be a recall .*nan"),
+    (lambda d: set_recall(d, -0.2), r"recall in \[0, 1\], got -0\.2"),
+    (lambda d: d["scores"]["prompts"][0]["recall"].pop(), r"scores\.prompts\[0\]\.recall must be a list of 3 layers"),
+    (lambda d: d["scores"]["prompts"][0]["recall"][0].pop(), r"scores\.prompts\[0\]\.recall\[0\] must be a list of 4"),
+    (lambda d: d["scores"]["prompts"][0].pop("recall"), r"scores\.prompts\[0\]\.recall is missing"),
+    (lambda d: d["scores"].update(categories=["sink", "intra", "intra_sink"]),
+     r"scores\.categories must be \['intra_sink', 'intra', 'sink'\]"),
+])
+def test_malformed_fields_are_named(tmp_path, mutate, message):
+    """Item 8: a field of the wrong type, range or shape is refused on loading, naming the field."""
+    d = scored_dict()
+    path = tmp_path / "p.json"
+    mutate(d)
+    path.write_text(json.dumps(d))
+    with pytest.raises(ProfileFormatError, match=message):
+        Profile.load(path)
+
+
+def test_valid_scored_profile_loads_as_saved(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(scored_dict()))
+    p = Profile.load(path)
+    assert p.to_dict() == scored_dict()
+    assert p.decide(thresholds=0.9).categories == ((Category.INTRA,) * 4,) * 3
+
+
+def test_deeply_nested_json_is_a_format_error(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"format": "blindsight-profile", "calibration": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(ProfileFormatError, match="nested too deeply"):
+        Profile.load(path)
+
+
+def scored_profile():
+    return Profile.from_dict(scored_dict())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dense_layers=[0.5]), r"dense_layers must be layer numbers \(ints\), got 0\.5"),
+    (dict(dense_layers=[True]), r"dense_layers must be layer numbers \(ints\), got True"),
+    (dict(dense_layers=[3]), r"dense_layers: layer 3 is out of range for 3 layers"),
+    (dict(dense_layers=[-1]), r"dense_layers: layer -1 is out of range"),
+    (dict(thresholds=True), r"thresholds must be a number in \[0, 1\] or a mapping.*got True"),
+    (dict(thresholds=1.5), r"threshold of intra_sink must be in \[0, 1\], got 1\.5"),
+    (dict(thresholds=float("nan")), r"threshold of intra_sink must be in \[0, 1\], got nan"),
+    (dict(thresholds={"sinks": 0.9}), r"thresholds: unknown category 'sinks'"),
+    (dict(thresholds={"sink": True}), r"threshold of sink must be a number, got True"),
+    (dict(quantile=1.5), r"quantile must be in \[0, 1\], got 1\.5"),
+    (dict(quantile=-0.1), r"quantile must be in \[0, 1\], got -0\.1"),
+    (dict(quantile=True), r"quantile must be a number in \[0, 1\], got True"),
+])
+def test_decide_rejects_bad_arguments(kwargs, message):
+    """Item 8: decide() arguments that were silently ignored or coerced are refused, naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        scored_profile().decide(**kwargs)
+
+
+def test_category_parse_is_strict():
+    assert [Category.parse(x) for x in (Category.SINK, 2, "intra_sink", " DENSE ", 3.0)] == \
+        [Category.SINK, Category.INTRA, Category.INTRA_SINK, Category.DENSE, Category.SINK]
+    for bad in (True, False, 2.7, 4, -1, None, "sparse"):
+        with pytest.raises(ValueError, match="category"):
+            Category.parse(bad)
+
+
+def test_model_info_is_strict():
+    with pytest.raises(ValueError, match="ModelInfo.num_layers must be a positive int, got True"):
+        ModelInfo("qwen2_vl", num_layers=True, num_heads=4, num_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="ModelInfo.model_type must be a string"):
+        ModelInfo(None, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16)
+    with pytest.raises(ValueError, match="ModelInfo.template must be an object"):
+        ModelInfo("qwen2_vl", 3, 4, 2, 16, template="qwen")

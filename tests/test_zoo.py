@@ -279,5 +279,5 @@ def test_eval_sweep_from_a_jsonl_file(zoo, tmp_path, capsys):
     # a record without an answer is refused with its line number
     bad = tmp_path / "bad.jsonl"
     bad.write_text(open(data).readline().replace('"answer": "', '"answer": "" , "x": "'))
-    with pytest.raises(Exception, match="line 1"):
-        main(["eval", ZOO_MODEL, "--profile", str(tmp_path / "p.json"), "--data", str(bad)])
+    assert main(["eval", ZOO_MODEL, "--profile", str(tmp_path / "p.json"), "--data", str(bad)]) == 2
+    assert re.fullmatch(r'blindsight: error: .*bad.jsonl, line 1: .*non-empty "answer".*\n', capsys.readouterr().err)

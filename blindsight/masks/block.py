@@ -183,9 +183,13 @@ def assemble_block_mask(
         partial = some & ~full
     kv_num, kv_idx = _ordered(partial)
     full_num, full_idx = _ordered(full)
-    return BlockMask.from_kv_blocks(
-        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block, mask_mod=mask_mod, seq_lengths=(seq_len, seq_len)
-    )
+    # the query-side (backward) indices from the transposed tiles: torch's own transpose uses vmap, which is
+    # unavailable inside a custom op's body (where the flex lowering builds its masks)
+    q_num, q_idx = _ordered(partial.transpose(-1, -2))
+    full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
+    return BlockMask(seq_lengths=(seq_len, seq_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
+                     full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx,
+                     full_q_num_blocks=full_q_num, full_q_indices=full_q_idx, BLOCK_SIZE=block, mask_mod=mask_mod)
 
 
 def build_block_mask(

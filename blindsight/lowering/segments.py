@@ -11,22 +11,21 @@ take the fast path described at ``_causal_row`` below. Any other call (a bool or
 Softmax is order-free over keys and each row's output is written back in place, so the result is the
 same attention (to float rounding) as SDPA with the full mask of DESIGN §2.
 
-It runs as the custom op ``blindsight::segment_attention``: Inductor keeps it as an extern kernel call, and
-its Python body runs at run time with the real layout (data-dependent segment sizes need no tracing).
+It runs inside the custom op ``blindsight::attention`` (:mod:`blindsight.lowering`), so its Python body runs
+at run time with the real layout: data-dependent segment sizes need no tracing and no graph depends on them.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .profile import Category
+from ..profile import Category
 
-__all__ = ["segment_attention"]
+__all__ = ["segment_attention", "layout_plan", "is_plain_causal"]
 
 
 def _segments(img: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -81,7 +80,7 @@ def _lower_triangle(S: int, device: str) -> torch.Tensor:
     return torch.ones(S, S, dtype=torch.bool, device=device).tril()
 
 
-def _is_plain_causal(mask: torch.Tensor, b: int) -> bool:
+def is_plain_causal(mask: torch.Tensor, b: int) -> bool:
     """Is row b of a bool mask exactly the causal mask (for every head)? One S x S comparison per call."""
     if mask.dtype != torch.bool or mask.shape[-1] != mask.shape[-2]:
         return False
@@ -378,7 +377,6 @@ def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: fl
     return True
 
 
-@torch.library.custom_op("blindsight::segment_attention", mutates_args=())
 def segment_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -400,7 +398,7 @@ def segment_attention(
     # SDPA's fused CPU kernels need 4-D inputs (3-D ones take the slow math path): keep a batch dim of 1
     for b in range(B):
         mask_b, causal_b = attn_mask, is_causal
-        if mask_b is not None and _is_plain_causal(mask_b, b):
+        if mask_b is not None and is_plain_causal(mask_b, b):
             mask_b, causal_b = None, True  # transformers' materialized causal mask: same pairs, faster path
         img, snk = image[b], sink[b]
         # causal rows on CPU: the fast path (it declines a layout whose sinks do not open their segment)
@@ -456,10 +454,3 @@ def segment_attention(
     return out
 
 
-@segment_attention.register_fake
-def _(q, k, v, attn_mask, image, sink, heads, scale, is_causal):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
-
-
-def default_scale(q: torch.Tensor, scale) -> float:
-    return 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)

@@ -1,0 +1,143 @@
+"""A stream of real-looking prompts through the documented calls: compile cost, warm per-prompt time, sparsity.
+
+N prompts of random lengths and layouts (1-6 images of random grids each, text between them) through a random-
+weight Qwen2-VL-architecture model, four ways: BlindSight compiled (``torch.compile(model,
+backend=blindsight_backend(profile))``, defaults), BlindSight eager (``blindsight.attach``), compiled dense
+(``torch.compile(model)``) and eager SDPA. Each runs the stream twice: the first pass includes every
+compilation (reported in all), the second is warm (median per prompt). Each prompt's output is compared with the
+first mode's... no: each BlindSight mode is compared with the other BlindSight mode (same math, two paths), and the
+dense modes with each other.
+
+    python bench/stream.py [--prompts 12] [--hidden 256 --layers 4 --heads 8 --kv-heads 2] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import statistics
+import time
+
+import torch
+
+import blindsight
+from blindsight import Category, Profile, blindsight_backend
+
+GRIDS = [(8, 8), (8, 16), (16, 16), (16, 24), (24, 16), (12, 20)]  # patches; /4 placeholders each (64-96 tokens)
+
+
+def build(hidden: int, layers: int, heads: int, kv_heads: int):
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    torch.manual_seed(0)
+    head_dim = hidden // heads
+    third = head_dim // 2 // 8
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv_heads, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=0, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                          "mrope_section": [2 * third, 3 * third, 3 * third]}),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=1000, video_token_id=1001, vision_start_token_id=1002, vision_end_token_id=1003)
+    cfg._attn_implementation = "sdpa"
+    return Qwen2VLForConditionalGeneration(cfg).eval()
+
+
+def make_stream(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        ids, types, pix, grids = [], [], [], []
+        for i in range(rng.randint(1, 6)):
+            t = rng.randint(4, 40)
+            ids += [rng.randint(10, 999) for _ in range(t)]
+            types += [0] * t
+            h, w = rng.choice(GRIDS)
+            ids += [1002] + [1000] * (h * w // 4) + [1003]
+            types += [0] + [1] * (h * w // 4) + [0]
+            pix.append(torch.randn(h * w, 1176, generator=g))
+            grids.append([1, h, w])
+        ids += [rng.randint(10, 999) for _ in range(rng.randint(8, 40))]
+        types += [0] * (len(ids) - len(types))
+        out.append({"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+                    "mm_token_type_ids": torch.tensor([types]), "pixel_values": torch.cat(pix),
+                    "image_grid_thw": torch.tensor(grids)})
+    return out
+
+
+def run_mode(model, prompts, call):
+    outs, cold, warm = [], 0.0, []
+    blindsight.reset_stats()
+    t = time.perf_counter()
+    with torch.no_grad():
+        for p in prompts:
+            outs.append(call(model, p))
+    cold = time.perf_counter() - t
+    stats = blindsight.stats()
+    fraction = blindsight.sparse_fraction()
+    with torch.no_grad():
+        for p in prompts:
+            t = time.perf_counter()
+            call(model, p)
+            warm.append(time.perf_counter() - t)
+    return outs, {"first_pass_s": cold, "warm_per_prompt_s": statistics.median(warm),
+                  "sparse_fraction": fraction if "sparse_calls" in stats else 0.0,
+                  "graphs_compiled": stats.get("graphs_compiled", 0)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--prompts", type=int, default=12)
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    base = build(args.hidden, args.layers, args.heads, args.kv_heads)
+    mix = [Category(i % 4) for i in range(args.heads)]  # every category, in every layer
+    profile = Profile.from_categories([mix] * args.layers, base)
+    prompts = make_stream(args.prompts)
+    lengths = [p["input_ids"].shape[1] for p in prompts]
+
+    def forward(model, p):
+        return model(**p, logits_to_keep=1).logits
+
+    modes = {
+        "blindsight_compiled": lambda m: torch.compile(m, backend=blindsight_backend(profile)),
+        "blindsight_eager": lambda m: blindsight.attach(m, profile),
+        "dense_compiled": lambda m: torch.compile(m),
+        "dense_eager": lambda m: m,
+    }
+    results, outputs = {}, {}
+    for name, wrap in modes.items():
+        torch._dynamo.reset()
+        outputs[name], results[name] = run_mode(wrap(copy.deepcopy(base)), prompts, forward)
+    for a, b in (("blindsight_compiled", "blindsight_eager"), ("dense_compiled", "dense_eager")):
+        results[a]["max_abs_diff_vs_" + b] = max((x - y).abs().max().item() for x, y in zip(outputs[a], outputs[b]))
+    for name in modes:
+        results[name]["speedup_vs_dense_compiled"] = (results["dense_compiled"]["warm_per_prompt_s"]
+                                                      / results[name]["warm_per_prompt_s"])
+        results[name]["speedup_vs_dense_eager"] = (results["dense_eager"]["warm_per_prompt_s"]
+                                                   / results[name]["warm_per_prompt_s"])
+    summary = {"prompts": args.prompts, "tokens_min": min(lengths), "tokens_max": max(lengths),
+               "model": vars(args), "modes": results}
+    if args.json:
+        print(json.dumps(summary, indent=1))
+    else:
+        print(f"{args.prompts} prompts, {min(lengths)}-{max(lengths)} tokens, threads {torch.get_num_threads()}")
+        print("| mode | first pass (compiles) | warm per prompt | vs compiled dense | vs eager dense | sparse |")
+        print("|---|---|---|---|---|---|")
+        for name, r in results.items():
+            print(f"| {name} | {r['first_pass_s']:.1f} s | {1000 * r['warm_per_prompt_s']:.1f} ms | "
+                  f"{r['speedup_vs_dense_compiled']:.2f}x | {r['speedup_vs_dense_eager']:.2f}x | "
+                  f"{r['sparse_fraction']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

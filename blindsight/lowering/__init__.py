@@ -1,0 +1,136 @@
+"""Exact sparse attention of one call, shared by the compiled path and the eager attention-interface path.
+
+``sparse_attention(q, k, v, attn_mask, layout, heads, ...)`` decides per call whether the call can be sparse
+(prefill self-attention whose layout matches and has images, no autograd) and runs one of the lowerings
+(``LOWERINGS``), or dense SDPA with the reason counted (``blindsight.stats()``). The compiler pass rewrites
+each language-model SDPA into the custom op ``blindsight::attention``, which calls it with the layout that
+the run time set for this forward (:func:`calls_use`): the op's body runs at run time with real tensors, so
+the compiled graph depends neither on the prompt's length nor on where its images are.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..layout import Layout
+from ..profile import Category
+from ..stats import count, record_fallback
+from .flex import flex_sparse_attention
+from .segments import layout_plan, segment_attention
+
+__all__ = ["LOWERINGS", "sparse_attention", "dense_attention", "calls_use", "resolve_lowering", "segment_attention",
+           "layout_plan", "flex_sparse_attention", "default_scale"]
+
+
+def _segments(q, k, v, attn_mask, layout: Layout, heads, scale, is_causal, block_size):
+    return segment_attention(q, k, v, attn_mask, layout.image.to(q.device), layout.sink.to(q.device), heads, scale,
+                             is_causal)
+
+
+# name -> lowering(q, k, v, attn_mask, layout, heads, scale, is_causal, block_size); "auto" picks per device
+LOWERINGS = {"flex": flex_sparse_attention, "segments": _segments}
+
+
+def resolve_lowering(name: str, device: torch.device | str) -> str:
+    """``"auto"``: segments on CPU (Inductor's CPU flex kernel is slower than SDPA even on dense tiles), flex
+    elsewhere. Raises ValueError for an unknown name."""
+    if name == "auto":
+        return "segments" if torch.device(device).type == "cpu" else "flex"
+    if name not in LOWERINGS:
+        raise ValueError(f"unknown lowering {name!r}; expected 'auto' or one of {sorted(LOWERINGS)}")
+    return name
+
+
+def default_scale(q: torch.Tensor, scale) -> float:
+    return 1 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+
+
+@dataclass(frozen=True)
+class CallLayout:
+    """What the run time found for the attention calls it is about to run: a layout, or why there is none."""
+
+    layout: Layout | None
+    reason: str | None = None
+    warn_always: bool = False
+
+
+_CALL: contextvars.ContextVar[CallLayout | None] = contextvars.ContextVar("blindsight_call_layout", default=None)
+
+
+@contextlib.contextmanager
+def calls_use(layout: Layout | None, reason: str | None = None, warn_always: bool = False):
+    """Attention calls inside the block (``blindsight::attention`` ops) use this layout, or run dense for ``reason``."""
+    token = _CALL.set(CallLayout(layout, reason, warn_always))
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
+def dense_attention(q, k, v, attn_mask, scale, is_causal, dropout_p: float = 0.0) -> torch.Tensor:
+    """The call as it was: SDPA (GQA by broadcasting when K/V have fewer heads)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                                          scale=scale, enable_gqa=q.shape[1] != k.shape[1])
+
+
+def why_dense(q, k, v, layout: Layout | None, reason: str | None) -> str | None:
+    """Why this call cannot be sparse, or None. Decode comes first: it is exactly dense by definition."""
+    if q.shape[2] == 1:
+        return "decode"
+    if reason is not None:
+        return reason
+    if layout is None:
+        return "no_layout"
+    if q.shape[2] != k.shape[2]:
+        return "not_self_attention"
+    if layout.seq_len != q.shape[2] or layout.batch_size != q.shape[0]:
+        return "layout_mismatch"
+    if not layout.has_images:
+        return "no_images"
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return "autograd"
+    return None
+
+
+def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=None, is_causal: bool = False,
+                     lowering: str = "auto", block_size: int = 128, reason: str | None = None,
+                     warn_always: bool = False) -> torch.Tensor:
+    """``SDPA(q, k, v, attn_mask or is_causal, scale)`` AND each query head's category (``heads``), exactly.
+
+    ``q [B, H, S, D]``, ``k``/``v`` ``[B, H or KV heads, S, D]``; ``attn_mask`` bool (True = attend) or additive,
+    broadcastable to ``[B, H, S, S]``. A call that cannot be sparse runs dense SDPA and is counted by reason.
+    """
+    why = why_dense(q, k, v, layout, reason)
+    if why is not None:
+        record_fallback(why, 1, warn_always)
+        return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
+    name = resolve_lowering(lowering, q.device)
+    heads = [int(Category(h)) for h in heads]
+    out = LOWERINGS[name](q, k, v, attn_mask, layout, heads, default_scale(q, scale), is_causal, block_size)
+    count("sparse_calls")
+    count(f"lowering.{name}")
+    return out.contiguous()
+
+
+@torch.library.custom_op("blindsight::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
+                 heads: list[int], scale: float | None, is_causal: bool, lowering: str,
+                 block_size: int) -> torch.Tensor:
+    """What each rewritten site calls: :func:`sparse_attention` with the layout the run time set (:func:`calls_use`)."""
+    call = _CALL.get()
+    if call is None:
+        return sparse_attention(q, k, v, attn_mask, None, heads, scale, is_causal, lowering, block_size,
+                                reason="no_layout")
+    return sparse_attention(q, k, v, attn_mask, call.layout, heads, scale, is_causal, lowering, block_size,
+                            call.reason, call.warn_always)
+
+
+@attention_op.register_fake
+def _(q, k, v, attn_mask, heads, scale, is_causal, lowering, block_size):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])

@@ -1,0 +1,273 @@
+"""What BlindSight guarantees: every call is exact (sparse with its own prompt's layout) or dense and counted.
+
+Regression tests for the ways this broke (stale layouts across forwards, a layout memo keyed by memory address,
+hand-made layouts, unchecked templates, inference mode, autograd, Dynamo's recompile limit), and a hypothesis
+stream property over one compiled language model.
+"""
+
+import threading
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import blindsight
+from blindsight import Layout, LayoutError, ModelInfo, Profile, ProfileMismatchError, Template, blindsight_backend
+from blindsight.layout import layout_from_ids
+from strategies import DELIMITED, PAD, rows
+from test_backend import mixed_profile
+from tiny_models import build, reference_attention
+
+TEMPLATE = Template((252,), (253,), (250, 251), 1)  # the tiny Qwen2-VL's ids (strategies.DELIMITED)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    """The tiny Qwen2-VL's language model, its mixed profile, and the documented compiled call (defaults)."""
+    model = build("qwen2_vl")
+    lm = model.model.language_model
+    profile = mixed_profile(model)
+    return lm, profile, torch.compile(lm, backend=blindsight_backend(profile))
+
+
+def padded(id_rows, left=True):
+    S = max(len(r) for r in id_rows)
+    ids = torch.full((len(id_rows), S), PAD, dtype=torch.long)
+    mask = torch.zeros(len(id_rows), S, dtype=torch.long)
+    for i, r in enumerate(id_rows):
+        sl = slice(S - len(r), S) if left else slice(0, len(r))
+        ids[i, sl], mask[i, sl] = torch.tensor(r), 1
+    return ids, mask
+
+
+def hidden(module, **kw):
+    with torch.no_grad():
+        return module(**kw).last_hidden_state
+
+
+def reference(lm, profile, ids, mask, **kw):
+    layout = Layout.from_input_ids(ids, TEMPLATE, mask)
+    with reference_attention(lm, layout, profile):
+        return hidden(lm, attention_mask=mask, **(kw or {"input_ids": ids}))
+
+
+def assert_real_close(got, ref, mask):
+    m = mask.bool()
+    torch.testing.assert_close(got[m], ref[m], atol=1e-5, rtol=1e-5)
+
+
+PROMPT_A = [5] * 3 + [252] + [250] * 6 + [253] + [5] * 2 + [252] + [250] * 5 + [253] + [5] * 4
+PROMPT_B = [5] * 2 + [252] + [250] * 9 + [253] + [5] * 5 + [252] + [250] * 2 + [253] + [5] * 2  # same length
+
+
+def test_inputs_embeds_never_inherit_an_earlier_prompts_layout(lm):
+    """Item 1: ids (prompt A), then inputs_embeds only (prompt B, same size): B runs dense, counted and warned;
+    inside use_layout it runs sparse with B's layout. (It used to run with A's layout.)"""
+    lm, profile, clm = lm
+    ids_a, mask = padded([PROMPT_A])
+    ids_b, _ = padded([PROMPT_B])
+    assert ids_a.shape == ids_b.shape
+    hidden(clm, input_ids=ids_a, attention_mask=mask)
+    emb = lm.embed_tokens(ids_b).detach()
+    blindsight.reset_stats()
+    with pytest.warns(UserWarning, match="no_layout"):
+        got = hidden(clm, inputs_embeds=emb, attention_mask=mask)
+    assert blindsight.stats().get("fallback.no_layout") == 2 and blindsight.sparse_fraction() == 0.0
+    torch.testing.assert_close(got, hidden(lm, inputs_embeds=emb, attention_mask=mask), atol=1e-5, rtol=1e-5)
+    with blindsight.use_layout(Layout.from_input_ids(ids_b, TEMPLATE)):
+        got = hidden(clm, inputs_embeds=emb, attention_mask=mask)
+    assert_real_close(got, reference(lm, profile, ids_b, mask, inputs_embeds=emb), mask)
+
+
+def test_reused_buffers_get_each_requests_layout(lm):
+    """Item 2: a server reusing one ids buffer and one mask buffer (written through numpy, which torch's version
+    counter does not see) gets each request's padding layout, not the previous one's."""
+    lm, profile, clm = lm
+    n = len(PROMPT_A) + 5
+    ids_buf, mask_buf = np.zeros((1, n), dtype=np.int64), np.zeros((1, n), dtype=np.int64)
+    ids, mask = torch.from_numpy(ids_buf), torch.from_numpy(mask_buf)
+    for pad in (0, 5, 2):
+        ids_buf[0] = [PAD] * pad + PROMPT_A + [5] * (n - len(PROMPT_A) - pad)
+        mask_buf[0] = [0] * pad + [1] * (n - pad)
+        blindsight.reset_stats()
+        got = hidden(clm, input_ids=ids, attention_mask=mask)
+        assert blindsight.stats().get("sparse_calls") == 2
+        assert_real_close(got, reference(lm, profile, ids.clone(), mask.clone()), mask)
+
+
+def test_layout_memo_compares_content_under_inference_mode():
+    """Item 2 and 5 at the unit level: same buffer, new content -> new layout; inference tensors work."""
+    ids = torch.tensor([[5, 252, 250, 250, 253, 5, 252, 250, 253]])
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        ids_i, mask_i = ids.clone(), mask.clone()
+        first = layout_from_ids(ids_i, TEMPLATE, mask_i)
+        mask_i.numpy()[0, :5] = 0  # behind torch's back
+        second = layout_from_ids(ids_i, TEMPLATE, mask_i)
+    assert first.key != second.key
+    assert second.key == Layout.from_input_ids(ids, TEMPLATE, mask_i.clone()).key
+
+
+def test_hand_made_layouts_are_checked():
+    """Item 3: an image id used by two separate runs, ids out of order, and a sink on a text token are refused."""
+    good = Layout(torch.tensor([[-1, 0, 0, -1, 1, 1]]), torch.tensor([[0, 1, 0, 0, 1, 0]], dtype=torch.bool))
+    assert good.has_images
+    bad = [
+        ([[-1, 0, 0, -1, 0, 0]], [[0, 1, 0, 0, 0, 0]], "id 0 starts a segment where id 1"),
+        ([[-1, 1, 1, -1, 0, 0]], [[0, 1, 0, 0, 1, 0]], "id 1 starts a segment where id 0"),
+        ([[-1, 0, 0, -1, 1, 1]], [[1, 1, 0, 0, 1, 0]], "sink flag on a text token"),
+        ([[-2, 0, 0, -1, 1, 1]], [[0, 1, 0, 0, 1, 0]], "image id -2"),
+    ]
+    for image, sink, message in bad:
+        with pytest.raises(LayoutError, match=message):
+            Layout(torch.tensor(image), torch.tensor(sink, dtype=torch.bool))
+
+
+def test_profile_template_is_checked_against_the_model():
+    """Item 4: the backend runs the full model check: a template whose placeholder is an ordinary word, ids outside
+    the vocabulary, and a profile with more layers than the model are refused (also by attach)."""
+    model = build("qwen2_vl")
+    info = ModelInfo.from_config(model)
+    word = dict(info.template, image_token_ids=[17, 251])
+    outside = dict(info.template, image_token_ids=[900, 251])
+    more_layers = ModelInfo(info.model_type, 8, info.num_heads, info.num_kv_heads, info.head_dim, info.template)
+    cases = [(Profile.uniform("intra", ModelInfo(**{**info.__dict__, "template": word})), "image_token_ids"),
+             (Profile.uniform("intra", ModelInfo(**{**info.__dict__, "template": outside})), "vocabulary"),
+             (Profile.uniform("intra", more_layers), "num_layers: profile has 8, model has 2")]
+    inp = {"input_ids": torch.tensor([PROMPT_A[:3] + [5] * 4]), "attention_mask": torch.ones(1, 7, dtype=torch.long)}
+    for profile, message in cases:
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match=message):
+            hidden(torch.compile(model.model, backend=blindsight_backend(profile)), **inp)
+        with pytest.raises(ProfileMismatchError, match=message):
+            blindsight.attach(model, profile)
+
+
+def test_inference_mode_runs_sparse(lm):
+    """Item 5: inputs made under torch.inference_mode() (what serving code uses)."""
+    lm, profile, clm = lm
+    ids, mask = padded([PROMPT_A, PROMPT_B[:18]])
+    blindsight.reset_stats()
+    with torch.inference_mode():
+        got = clm(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert blindsight.stats().get("sparse_calls") == 2
+    assert_real_close(got, reference(lm, profile, ids, mask), mask)
+
+
+def test_autograd_runs_dense_counted_and_warned():
+    """Item 6: a forward with autograd on runs dense (exact), counted and warned; never an internal error."""
+    model = build("qwen2_vl")
+    lm = model.model.language_model
+    clm = torch.compile(lm, backend=blindsight_backend(mixed_profile(model)))
+    ids, mask = padded([PROMPT_A])
+    blindsight.reset_stats()
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        got = clm(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert blindsight.stats().get("fallback.autograd") == 2 and "sparse_calls" not in blindsight.stats()
+    got.sum().backward()  # the dense graph trains
+    torch.testing.assert_close(got.detach(), hidden(lm, input_ids=ids, attention_mask=mask), atol=1e-5, rtol=1e-5)
+    blindsight.reset_stats()  # and the eager path
+    blindsight.attach(model, mixed_profile(model))
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        lm(input_ids=ids, attention_mask=mask)
+    assert blindsight.stats().get("fallback.autograd") == 2
+
+
+@st.composite
+def calls(draw):
+    """One forward: ids (+ a reused mask buffer), inputs_embeds, or inputs_embeds inside use_layout."""
+    batch = [draw(rows(DELIMITED, max_images=3)) for _ in range(draw(st.integers(1, 3)))]
+    return draw(st.sampled_from(["ids", "ids_buffer", "embeds", "embeds_layout"])), batch, draw(st.booleans())
+
+
+_BUFFERS: dict = {}
+
+
+@settings(max_examples=20)
+@given(st.lists(calls(), min_size=1, max_size=3))
+def test_stream_property(lm, sequence):
+    """After every call of a random sequence the output equals the reference with that call's own layout, or
+    dense with the fallback counted. Never anything else."""
+    lm, profile, clm = lm
+    for mode, id_rows, left in sequence:
+        ids, mask = padded([r or [5] for r in id_rows], left)
+        if mode == "ids_buffer":  # one numpy buffer per shape, rewritten in place (a server's request buffers)
+            buf = _BUFFERS.setdefault(tuple(mask.shape), np.zeros(tuple(mask.shape), dtype=np.int64))
+            buf[...] = mask.numpy()
+            mask = torch.from_numpy(buf)
+        blindsight.reset_stats()
+        layout = Layout.from_input_ids(ids, TEMPLATE, mask)
+        if mode in ("ids", "ids_buffer"):
+            got = hidden(clm, input_ids=ids, attention_mask=mask)
+            ref = reference(lm, profile, ids, mask)
+        else:
+            emb = lm.embed_tokens(ids).detach()
+            if mode == "embeds_layout":
+                with blindsight.use_layout(layout):
+                    got = hidden(clm, inputs_embeds=emb, attention_mask=mask)
+                ref = reference(lm, profile, ids, mask, inputs_embeds=emb)
+            else:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    got = hidden(clm, inputs_embeds=emb, attention_mask=mask)
+                ref = hidden(lm, inputs_embeds=emb, attention_mask=mask)
+        s = blindsight.stats()
+        if ids.shape[1] == 1:
+            expected = {"fallback.decode": 2}  # one query token: dense by definition
+        elif mode == "embeds":
+            expected = {"fallback.no_layout": 2}
+        else:
+            expected = {"sparse_calls": 2} if layout.has_images else {"fallback.no_images": 2}
+        assert {k: v for k, v in s.items() if k == "sparse_calls" or k.startswith("fallback")} == expected, (mode, s)
+        assert_real_close(got, ref, mask)
+
+
+def test_threads_each_get_their_own_layout(lm):
+    """Two threads serving different prompts at once through one compiled model: each exact."""
+    lm, profile, clm = lm
+    prompts = [padded([PROMPT_A]), padded([PROMPT_B]), padded([PROMPT_A, PROMPT_B[:18]]), padded([PROMPT_B[:15]])]
+    refs = [reference(lm, profile, ids, mask) for ids, mask in prompts]
+    for ids, mask in prompts:  # compile every shape first
+        hidden(clm, input_ids=ids, attention_mask=mask)
+    errors = []
+
+    def serve(order):
+        try:
+            for _ in range(3):
+                for i in order:
+                    ids, mask = prompts[i]
+                    assert_real_close(hidden(clm, input_ids=ids, attention_mask=mask), refs[i], mask)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=serve, args=(o,)) for o in ([0, 1, 2, 3], [3, 2, 1, 0])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+
+
+def test_recompile_limit_is_counted_and_warned():
+    """A function Dynamo stops compiling (its recompile limit) runs without BlindSight: counted and warned (once
+    per event: the calls that then run uncompiled never reach the backend)."""
+    model = build("qwen2_vl")
+    lm = model.model.language_model
+    torch._dynamo.reset()
+    clm = torch.compile(lm, backend=blindsight_backend(mixed_profile(model), recompile_limit=None), dynamic=False)
+    blindsight.reset_stats()
+    try:
+        with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for n in (20, 21, 22):
+                    hidden(clm, input_ids=torch.tensor([PROMPT_A[:n]]))
+    finally:
+        # Dynamo now runs this code object (every Qwen2-VL text model's forward) uncompiled for new shapes,
+        # in this whole process: forget it, or later tests' compiled models would silently run eagerly
+        torch._dynamo.reset()
+    assert blindsight.stats().get("fallback.recompile_limit", 0) >= 1
+    assert any("recompile_limit" in str(w.message) for w in caught)
