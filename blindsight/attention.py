@@ -19,10 +19,10 @@ import torch
 from .fx.options import BackendOptions
 from .fx.runtime import check_template
 from .fx.sites import language_model_layer
-from .layout import LayoutError, Template, active_layout, enclosing_input_ids, layout_from_ids
+from .layout import Template, prompt_layout
 from .lowering import dense_attention, sparse_attention
 from .profile import Profile
-from .stats import count, record_fallback
+from .stats import record_fallback
 
 __all__ = ["attach", "detach", "ATTENTION_NAME"]
 
@@ -59,28 +59,11 @@ def blindsight_attention_forward(module: torch.nn.Module, query, key, value, att
         record_fallback("dropout", 1, warn)
         out = dense_attention(query, key, value, attention_mask, scaling, is_causal, dropout)
     else:
-        layout, reason = _resolve(state, q_len)
+        # decode is dense by definition: no need to find the prompt
+        layout, reason = (None, None) if q_len == 1 else prompt_layout(state.template, warn=warn)
         out = sparse_attention(query, key, value, attention_mask, layout, state.heads, scaling, is_causal,
                                state.options.lowering, state.options.block_size, reason, warn)
     return out.transpose(1, 2).contiguous(), None
-
-
-def _resolve(state: _Attached, q_len: int):
-    if q_len == 1:
-        return None, None  # decode: dense by definition, no need to find the prompt
-    layout = active_layout()
-    if layout is not None:
-        return layout, None
-    if state.template is None:
-        return None, "no_template"
-    ids, mask = enclosing_input_ids()
-    if ids is None:
-        return None, "no_layout"
-    try:
-        return layout_from_ids(ids, state.template, mask), None
-    except LayoutError:
-        count("malformed_prompts")
-        return None, "malformed_prompt"
 
 
 def _register() -> None:

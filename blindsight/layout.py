@@ -16,12 +16,15 @@ import os
 import re
 import sys
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 
+from .stats import count
+
 __all__ = ["Template", "Layout", "LayoutError", "parse_layout_spec", "input_ids_from_spec", "use_layout",
-           "active_layout", "layout_from_ids", "enclosing_input_ids"]
+           "active_layout", "layout_from_ids", "enclosing_input_ids", "prompt_layout"]
 
 
 class LayoutError(ValueError):
@@ -413,3 +416,28 @@ def enclosing_input_ids(max_frames: int = 200):
                 return ids, mask
         f = f.f_back
     return None, None
+
+
+def prompt_layout(template: Template | None, ids=None, mask=None, warn: bool = False) -> tuple[Layout | None, str | None]:
+    """``(layout, None)`` for the attention calls about to run, or ``(None, reason)``: the one layout source of
+    the compiled and the eager path. Order: :func:`use_layout`; the given ``ids``/``mask`` (a graph's own
+    ``input_ids`` input); :func:`enclosing_input_ids`. A malformed prompt gives reason ``malformed_prompt``
+    (counted as ``malformed_prompts``; ``warn``: with the LayoutError's text)."""
+    layout = active_layout()
+    if layout is not None:
+        return layout, None
+    if template is None:
+        return None, "no_template"
+    if ids is None:
+        ids, mask = enclosing_input_ids()
+    if ids is None:
+        return None, "no_layout"
+    if mask is not None and mask.shape != ids.shape:
+        mask = None
+    try:
+        return layout_from_ids(ids, template, mask), None
+    except LayoutError as e:
+        count("malformed_prompts")
+        if warn:
+            warnings.warn(f"BlindSight: malformed prompt, running dense: {e}", stacklevel=3)
+        return None, "malformed_prompt"

@@ -19,11 +19,10 @@ VLM forward that called it holds the ids). Only running calls are looked at, so 
 from __future__ import annotations
 
 import logging
-import warnings
 
 import torch
 
-from ..layout import LayoutError, Template, active_layout, enclosing_input_ids, layout_from_ids
+from ..layout import Template, prompt_layout
 from ..lowering import calls_use
 from ..profile import ModelInfo, Profile, ProfileMismatchError
 from ..stats import count, record_fallback
@@ -86,27 +85,9 @@ class GraphRunner:
             return self.compiled(*args)
 
     def _layout(self, args):
-        layout = active_layout()
-        if layout is not None:
-            return layout, None
-        template = self.backend.template
-        if template is None:
-            return None, "no_template"
-        if self.ids_at is not None:
-            ids, mask = args[self.ids_at], args[self.mask_at] if self.mask_at is not None else None
-        else:
-            ids, mask = enclosing_input_ids()
-        if ids is None:
-            return None, "no_layout"
-        if mask is not None and mask.shape != ids.shape:
-            mask = None
-        try:
-            return layout_from_ids(ids, template, mask), None
-        except LayoutError as e:
-            count("malformed_prompts")
-            if self.options.warn_on_fallback:
-                warnings.warn(f"BlindSight: malformed prompt, running dense: {e}", stacklevel=3)
-            return None, "malformed_prompt"
+        ids = args[self.ids_at] if self.ids_at is not None else None
+        mask = args[self.mask_at] if ids is not None and self.mask_at is not None else None
+        return prompt_layout(self.backend.template, ids, mask, self.options.warn_on_fallback)
 
 
 def _compiled_module():

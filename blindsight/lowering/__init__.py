@@ -123,10 +123,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
                  heads: list[int], scale: float | None, is_causal: bool, lowering: str,
                  block_size: int) -> torch.Tensor:
     """What each rewritten site calls: :func:`sparse_attention` with the layout the run time set (:func:`calls_use`)."""
-    call = _CALL.get()
-    if call is None:
-        return sparse_attention(q, k, v, attn_mask, None, heads, scale, is_causal, lowering, block_size,
-                                reason="no_layout")
+    call = _CALL.get() or CallLayout(None, "no_layout")
     return sparse_attention(q, k, v, attn_mask, call.layout, heads, scale, is_causal, lowering, block_size,
                             call.reason, call.warn_always)
 
