@@ -62,7 +62,8 @@ def blindsight_attention_forward(module: torch.nn.Module, query, key, value, att
         # decode is dense by definition: no need to find the prompt
         layout, reason = (None, None) if q_len == 1 else prompt_layout(state.template, warn=warn)
         out = sparse_attention(query, key, value, attention_mask, layout, state.heads, scaling, is_causal,
-                               state.options.lowering, state.options.block_size, reason, warn)
+                               state.options.lowering, state.options.block_size, reason, warn,
+                               state.options.only_if_faster)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -85,7 +86,7 @@ def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | N
 
     The profile is checked against the model first (:class:`~blindsight.ProfileMismatchError`), template
     included. ``options``/``overrides``: :class:`~blindsight.BackendOptions` (``template``, ``lowering``,
-    ``block_size``, ``warn_on_fallback``; the compile options do not apply).
+    ``block_size``, ``warn_on_fallback``, ``only_if_faster``; the compile options do not apply).
     """
     from dataclasses import replace
 

@@ -15,6 +15,7 @@ All timings are warm, in one process, the median of ``repeat`` runs. Reported:
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 
 from .flops import attention_flops, prefill_flops
 from .layout import Layout, Template, input_ids_from_spec
-from .lowering import layout_plan
+from .lowering import layout_plan, resolve_lowering
 from .masks import BaseMask, category_tiles, clear_block_mask_cache
 from .profile import ModelInfo, Profile
 
@@ -68,15 +69,127 @@ def _median_time(fn, repeat: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def _rss_bytes(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def peak_extra_bytes(fn) -> int | None:
+    """Peak resident memory ``fn()`` adds above what the process holds before it (Linux; None elsewhere)."""
+    gc.collect()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak (VmHWM) to the current resident size
+    except OSError:
+        return None
+    before = _rss_bytes("VmRSS")
+    fn()
+    peak = _rss_bytes("VmHWM")
+    return None if before is None or peak is None else max(0, peak - before)
+
+
+def sample_rows(layout: Layout, n: int = 512, seed: int = 0) -> torch.Tensor:
+    """Query rows an exactness check covers: each segment's first, sink and last rows, the text rows around
+    it, and ``n`` random rows (all rows when the prompt has fewer)."""
+    S = layout.seq_len
+    if S <= n:
+        return torch.arange(S)
+    img = layout.image[0]
+    edges = ((img[1:] != img[:-1]).nonzero().flatten() + 1).tolist()
+    picks = {0, S - 1} | {min(S - 1, max(0, e + d)) for e in edges for d in (-1, 0, 1)}
+    picks |= set(layout.sink[0].nonzero().flatten().tolist())
+    picks |= set(torch.randperm(S, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+    return torch.tensor(sorted(picks))
+
+
+def max_error_on_rows(out, q, k, v, layout: Layout, heads, rows: torch.Tensor, chunk: int = 64) -> float:
+    """max |out - reference| over ``rows``: SDPA in float32 with the definition's mask, a few rows at a time
+    (a dense S x S reference at 64K tokens would not fit in memory)."""
+    from .masks import reference_mask
+
+    rep = q.shape[1] // k.shape[1]
+    kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
+    err = 0.0
+    for i in range(0, rows.numel(), chunk):
+        r = rows[i:i + chunk]
+        mask = reference_mask(layout, heads, rows=r)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, r].float(), kf, vf, attn_mask=mask)
+        err = max(err, (out[:, :, r].float() - ref).abs().max().item())
+    return err
+
+
+def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None = None, check_rows: int = 512) -> dict:
+    """One layer's attention on ``layout``: compiled dense SDPA vs BlindSight (forced sparse, and with its
+    defaults, where the cost model may run it dense), ideal, exactness on sampled rows, extra memory."""
+    from .lowering import predicted_work, resolve_lowering, sparse_attention
+    from .lowering.cost import predicted_seconds
+
+    lowering = resolve_lowering(cfg.lowering, "cpu")
+    dtype = getattr(torch, cfg.dtype)
+    repeat = repeat or cfg.repeat
+    S = layout.seq_len
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, cfg.heads, S, cfg.head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(1, cfg.kv_heads, S, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
+    dense = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
+        q, k, v, is_causal=True, enable_gqa=True), dynamic=False)
+
+    def sparse(only_if_faster=False):  # what a rewritten site runs (the op's body runs eagerly in the graph)
+        return sparse_attention(q, k, v, None, layout, heads, None, True, lowering, only_if_faster=only_if_faster)
+
+    with torch.no_grad():
+        t_dense = _median_time(lambda: dense(q, k, v), repeat, warmup=1)
+        t_sparse = _median_time(sparse, repeat, warmup=1)
+        t_default = _median_time(lambda: sparse(True), repeat, warmup=1)
+        out = sparse()
+        err = max_error_on_rows(out, q, k, v, layout, heads, sample_rows(layout, check_rows))
+        del out
+        mem_dense = peak_extra_bytes(lambda: dense(q, k, v))
+        mem_sparse = peak_extra_bytes(sparse)
+        work_sparse, work_dense = predicted_work(q, k, None, layout, heads, True, lowering)
+    from .lowering import LOWERINGS
+
+    rates = LOWERINGS[lowering].rates(q.device, dtype, cfg.head_dim)
+    one_layer = Profile.from_categories([heads], ModelInfo("bench", 1, cfg.heads, cfg.kv_heads, cfg.head_dim))
+    attn = attention_flops(layout, one_layer)
+    mb = (lambda b: None if b is None else b / 2 ** 20)
+    return {
+        "layout": layout_spec_of(layout), "tokens": S,
+        "images": int(layout.image.max()) + 1, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
+        "head_dim": cfg.head_dim, "dtype": cfg.dtype, "categories": [c.json_name for c in heads], "lowering": lowering,
+        "dense_attention_s": t_dense, "blindsight_attention_s": t_sparse, "default_attention_s": t_default,
+        "speedup": t_dense / t_sparse, "default_speedup": t_dense / t_default, "ideal": attn.ideal_speedup,
+        "efficiency": t_dense / t_sparse / attn.ideal_speedup,
+        "predicted_speedup": predicted_seconds(work_dense, rates) / predicted_seconds(work_sparse, rates),
+        "max_abs_error": err, "checked_rows": int(sample_rows(layout, check_rows).numel()),
+        "dense_extra_mb": mb(mem_dense), "blindsight_extra_mb": mb(mem_sparse),
+    }
+
+
+def layout_spec_of(layout: Layout) -> str:
+    """A compact spec of a batch-1 layout: runs of text and images (``text:64,image:496,text:16,...``)."""
+    img = layout.image[0]
+    parts, start = [], 0
+    for i in range(1, img.numel() + 1):
+        if i == img.numel() or (img[i] >= 0) != (img[start] >= 0) or (img[i] >= 0 and img[i] != img[start]):
+            parts.append(f"{'image' if img[start] >= 0 else 'text'}:{i - start}")
+            start = i
+    return ",".join(parts)
+
+
 def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True) -> dict:
     from .cli import parse_mix
-    from .lowering import resolve_lowering, sparse_attention
 
     lowering = resolve_lowering(cfg.lowering, "cpu")
     dtype = getattr(torch, cfg.dtype)
     ids = input_ids_from_spec(cfg.layout, BENCH_TEMPLATE)
     layout = Layout.from_input_ids(ids, BENCH_TEMPLATE)
-    S = layout.seq_len
     info = ModelInfo("bench", cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim, BENCH_TEMPLATE.to_dict())
     if profile is None:
         profile = Profile.from_categories([parse_mix(cfg.mix, cfg.heads)] * cfg.layers, info)
@@ -84,25 +197,12 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
     steps = _steps(progress, 3 if cfg.prefill else 2)
 
     # (a) one layer's attention
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, cfg.heads, S, cfg.head_dim, generator=g).to(dtype)
-    k, v = (torch.randn(1, cfg.kv_heads, S, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
-    dense = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
-        q, k, v, is_causal=True, enable_gqa=True), dynamic=False)
+    result = attention_point(cfg, layout, heads)
+    result["layout"] = cfg.layout
     partial, full = category_tiles(layout, BaseMask(), 128)
-    # what a rewritten site runs (the op's body runs eagerly inside the compiled graph)
-    def sparse(q, k, v, image, sink, p, f):
-        return sparse_attention(q, k, v, None, layout, heads, None, True, lowering)
-    with torch.no_grad():
-        t_dense = _median_time(lambda: dense(q, k, v), cfg.repeat)
-        t_sparse = _median_time(lambda: sparse(q, k, v, layout.image, layout.sink, partial, full), cfg.repeat)
-        err = (sparse(q, k, v, layout.image, layout.sink, partial, full).float() -
-               _reference(q, k, v, layout, heads)).abs().max().item()
-    next(steps)
-    one_layer = Profile.from_categories([heads], ModelInfo("bench", 1, cfg.heads, cfg.kv_heads, cfg.head_dim))
-    attn = attention_flops(layout, one_layer)
     head_index = torch.tensor([int(c) for c in heads])
-    computed = (partial | full)[head_index].float().mean().item()
+    result["tile_density"] = (partial | full)[head_index].float().mean().item()
+    next(steps)
 
     # (b) per-prompt layout cost: layout from ids + what the lowering derives from it, uncached
     #     (flex: per-category tiles; segments: the fast path's plan: chunks, gather indices, masks)
@@ -114,30 +214,75 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
         else:
             category_tiles(fresh, BaseMask(), 128)
 
-    t_layout = _median_time(new_layout, cfg.repeat, warmup=1)
+    result["layout_overhead_ms"] = 1000 * _median_time(new_layout, cfg.repeat, warmup=1)
     next(steps)
-    result = {
-        "layout": cfg.layout, "tokens": S, "heads": cfg.heads, "kv_heads": cfg.kv_heads, "head_dim": cfg.head_dim,
-        "dtype": cfg.dtype, "categories": [c.json_name for c in heads], "lowering": lowering,
-        "dense_attention_s": t_dense, "blindsight_attention_s": t_sparse,
-        "speedup": t_dense / t_sparse, "ideal": attn.ideal_speedup, "efficiency": t_dense / t_sparse / attn.ideal_speedup,
-        "tile_density": computed, "layout_overhead_ms": 1000 * t_layout, "max_abs_error": err,
-    }
 
     # (c) whole prefill of a language model of that shape
     if cfg.prefill:
         result.update(_prefill(cfg, profile, layout, dtype, lowering))
-        result["layout_overhead_fraction"] = t_layout / result["blindsight_prefill_s"]
+        result["layout_overhead_fraction"] = result["layout_overhead_ms"] / 1000 / result["blindsight_prefill_s"]
         next(steps)
     return result
 
 
-def _reference(q, k, v, layout, heads):
-    from .masks import reference_mask
+# the sweep: lengths from 256 to 64K tokens, 2 to 128 images of ~500 tokens (smaller on short prompts)
+SWEEP_LENGTHS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
 
-    mask = reference_mask(layout, heads)
-    return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
-                                                            enable_gqa=True)
+
+def sweep_layout(tokens: int) -> str:
+    """A prompt of ``tokens`` tokens: 64 text, then images (2..128, ~500 tokens each) with 16 text after each,
+    and the rest text."""
+    images = min(128, max(2, tokens // 512))
+    size = (tokens - 64 - 32 - 16 * images) // images
+    tail = tokens - 64 - images * (size + 16)
+    return f"text:64,(image:{size},text:16)x{images},text:{tail}"
+
+
+def sweep(cfg: BenchConfig, lengths=SWEEP_LENGTHS, profile: Profile | None = None, progress: bool = True) -> list[dict]:
+    """:func:`attention_point` at each length (``repeat`` runs up to 8K tokens, 1 beyond: each is long)."""
+    from .cli import parse_mix
+
+    heads = profile.layer_categories(0) if profile is not None else parse_mix(cfg.mix, cfg.heads)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(lengths), desc="sweep", unit="length")
+    out = []
+    for n in lengths:
+        layout = Layout.from_spec(sweep_layout(n), BENCH_TEMPLATE)
+        point = attention_point(cfg, layout, heads, repeat=cfg.repeat if n <= 8192 else 1)
+        point["layout"] = sweep_layout(n)
+        out.append(point)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(tokens=n, speedup=f"{point['speedup']:.2f}x")
+    if bar is not None:
+        bar.close()
+    return out
+
+
+def crossover(points: list[dict]) -> int | None:
+    """The shortest swept length from which forced-sparse attention is faster than dense at every longer one."""
+    wins = [p["speedup"] > 1.0 for p in points]
+    for i in range(len(points)):
+        if all(wins[i:]):
+            return points[i]["tokens"]
+    return None
+
+
+def format_sweep(points: list[dict]) -> str:
+    head = (f"{'tokens':>7} {'images':>6} {'dense ms':>10} {'sparse ms':>10} {'speedup':>8} {'ideal':>6} "
+            f"{'eff.':>5} {'defaults':>9} {'max err':>8} {'extra MB':>9}")
+    rows = [head]
+    for p in points:
+        extra = "-" if p["blindsight_extra_mb"] is None else f"{p['blindsight_extra_mb']:.0f}"
+        rows.append(f"{p['tokens']:>7} {p['images']:>6} {1e3 * p['dense_attention_s']:>10.1f} "
+                    f"{1e3 * p['blindsight_attention_s']:>10.1f} {p['speedup']:>7.2f}x {p['ideal']:>5.2f}x "
+                    f"{p['efficiency']:>5.2f} {p['default_speedup']:>8.2f}x {p['max_abs_error']:>8.1e} {extra:>9}")
+    c = crossover(points)
+    rows.append(f"crossover: sparse wins from {c} tokens on" if c else "crossover: sparse never wins in this sweep")
+    return "\n".join(rows)
 
 
 def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering: str) -> dict:
@@ -216,6 +361,10 @@ def _steps(enabled: bool, total: int):
             yield None
 
 
+def _mb(x) -> str:
+    return "n/a" if x is None else f"{x:.0f} MB"
+
+
 def format_table(r: dict) -> str:
     rows = [
         ("layout", f"{r['layout']} ({r['tokens']} tokens)"),
@@ -223,9 +372,12 @@ def format_table(r: dict) -> str:
         ("attention: dense SDPA (compiled)", f"{r['dense_attention_s'] * 1000:.1f} ms"),
         (f"attention: BlindSight ({r['lowering']})", f"{r['blindsight_attention_s'] * 1000:.1f} ms"),
         ("speedup / ideal / efficiency", f"{r['speedup']:.2f}x / {r['ideal']:.2f}x / {r['efficiency']:.2f}"),
+        ("with defaults (cost model)", f"{r['default_speedup']:.2f}x (predicted sparse speedup "
+                                       f"{r['predicted_speedup']:.2f}x: runs {'sparse' if r['predicted_speedup'] > 1 else 'dense'})"),
         ("tile density (flex lowering)", f"{100 * r['tile_density']:.1f}%"),
         ("layout overhead", f"{r['layout_overhead_ms']:.1f} ms"),
-        ("max |error| vs reference", f"{r['max_abs_error']:.1e}"),
+        ("max |error| vs reference", f"{r['max_abs_error']:.1e} ({r['checked_rows']} rows checked)"),
+        ("extra memory: dense / BlindSight", f"{_mb(r['dense_extra_mb'])} / {_mb(r['blindsight_extra_mb'])}"),
     ]
     if "prefill_speedup" in r:
         rows += [

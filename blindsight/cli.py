@@ -100,6 +100,16 @@ def device_arg(text: str) -> str:
     return text
 
 
+def token_lengths(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        values = ()
+    if not values or min(values) < 256:
+        raise argparse.ArgumentTypeError(f"expected comma-separated prompt lengths >= 256, got {text!r}")
+    return values
+
+
 def layout_spec(text: str) -> str:
     try:
         parse_layout_spec(text)
@@ -398,6 +408,18 @@ def cmd_bench(args) -> int:
         raise UserError(str(e)) from e
     if profile is None:
         _mix(cfg.mix, cfg.heads)
+    if args.sweep is not None:
+        from .bench import crossover, format_sweep, sweep
+
+        points = sweep(cfg, args.sweep, profile, progress=not args.json)
+        print(json.dumps(points, indent=1) if args.json else format_sweep(points))
+        if args.png:
+            from .viz import plot_sweep
+
+            plot_sweep(points, args.png, crossover(points))
+            if not args.json:
+                print(f"plot written to {args.png}")
+        return 0
     result = run(cfg, profile, progress=not args.json)
     print(json.dumps(result, indent=1) if args.json else format_table(result))
     return 0
@@ -486,6 +508,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--recompile-prompts", type=non_negative_int, default=10,
                    help="prefill prompts of one length with images moved, counting compilations (0: skip)")
     b.add_argument("--recompile-len", type=positive_int, default=1024, help="their length in tokens")
+    b.add_argument("--sweep", type=token_lengths, nargs="?", const="256,512,1024,2048,4096,8192,16384,32768,65536",
+                   default=None, help="one layer's attention at each of these prompt lengths (default 256 to 64K "
+                   "tokens, 2 to 128 images) instead of --layout: a table, and with --png a plot")
+    b.add_argument("--png", type=output_file, default=None, help="with --sweep: where to draw speedup vs length")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p

@@ -6,7 +6,12 @@
    the reference) vs BlindSight (language model compiled with ``blindsight_backend``).
 4. Attention and whole-prefill FLOP reductions on the benchmark's prompts.
 5. Prefill time of one benchmark prompt's language model (its inputs captured from one full forward, so the
-   vision tower is not timed), compiled by Inductor dense vs with BlindSight, warm, median of ``repeat`` runs.
+   vision tower is not timed), compiled by Inductor dense vs with BlindSight's defaults, warm, median of
+   ``repeat`` runs. At this length the cost model runs the attention dense (``not_faster``), so the ratio
+   is ~1.0x; then the same language model on a longer synthetic prompt (``long_layout``), where it runs sparse.
+
+Accuracy is measured with ``only_if_faster=False`` (every call sparse): it is sparse attention's accuracy
+that is in question, whatever the cost model would choose at this length.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ class DemoConfig:
     benchmark_images: int = 8
     threshold: float = 0.95
     repeat: int = 5
+    long_layout: str = "text:64,(image:480,text:16)x16,text:80"
     png: str | None = "blindsight-profile.png"
     progress: bool = True
 
@@ -80,7 +86,7 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
     """Median time of the language model's prefill of ``ex`` (the layout is rebuilt per call, as a server would
     per prompt). The vision tower, the same eager code either way, is left out so the ratio is the language
     model's (it was ~5 ms of ~15 ms for an 8-image prompt here). With ``template``, raises if the timed
-    calls ran no sparse attention (the time would be a dense one)."""
+    calls were neither sparse nor run dense by the cost model (``not_faster``): a misconfigured run."""
     import contextlib
 
     def layout():
@@ -94,11 +100,39 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
         with torch.no_grad(), layout():
             return lm(**kwargs)
 
-    before = stats().get("sparse_calls", 0)
+    before = _decided_calls()
     t = _median_time(once, repeat)
-    if template is not None and stats().get("sparse_calls", 0) == before:
+    if template is not None and _decided_calls() == before:
         raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend options")
     return t
+
+
+def _decided_calls() -> int:
+    """Attention calls that ran sparse, or dense because the cost model predicted no gain."""
+    s = stats()
+    return s.get("sparse_calls", 0) + s.get("fallback.not_faster", 0)
+
+
+def _long_prefill(model, profile, spec: str, repeat: int) -> dict:
+    """The language model alone on a longer synthetic prompt (``spec``, random embeddings), compiled dense vs
+    with BlindSight's defaults: where the cost model lets sparse attention run."""
+    template = Template.from_dict(profile.model.template)
+    layout = Layout.from_spec(spec, template)
+    lm = model.model.language_model
+    emb = torch.randn(1, layout.seq_len, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    times = {}
+    for name, backend in (("dense", "inductor"), ("blindsight", blindsight_backend(profile))):
+        torch._dynamo.reset()
+        compiled = torch.compile(lm, backend=backend, dynamic=False)
+        before = stats().get("sparse_calls", 0)
+        with torch.no_grad(), use_layout(layout):
+            times[name] = _median_time(lambda: compiled(inputs_embeds=emb, use_cache=False), repeat)
+        if name == "blindsight":
+            times["sparse_calls"] = stats().get("sparse_calls", 0) - before
+    return {"long_prompt_tokens": layout.seq_len, "long_prefill_ms_dense": 1e3 * times["dense"],
+            "long_prefill_ms_blindsight": 1e3 * times["blindsight"],
+            "long_prefill_speedup": times["dense"] / times["blindsight"],
+            "long_prefill_sparse": times["sparse_calls"] > 0}
 
 
 def run(cfg: DemoConfig = DemoConfig()) -> dict:
@@ -118,9 +152,12 @@ def run(cfg: DemoConfig = DemoConfig()) -> dict:
     examples = make_examples(processor, records, "qwen2_vl", pad_to=1)
     dense_hits = accuracy(model, examples, progress=cfg.progress, desc="dense accuracy")
     template = Template.from_dict(profile.model.template)
-    with compiled_language_model(model, blindsight_backend(profile)):
+    with compiled_language_model(model, blindsight_backend(profile, only_if_faster=False)):
         sparse_hits = accuracy(model, examples, template, cfg.progress, desc="blindsight accuracy")
+    with compiled_language_model(model, blindsight_backend(profile)):
+        before = stats().get("fallback.not_faster", 0)
         t_sparse = _prefill_time(model, examples[0], template, cfg.repeat)
+        ran_dense = stats().get("fallback.not_faster", 0) > before
     with compiled_language_model(model, "inductor"):
         t_dense = _prefill_time(model, examples[0], None, cfg.repeat)
     att, pre = flop_reductions(examples, profile, model.config)
@@ -138,6 +175,8 @@ def run(cfg: DemoConfig = DemoConfig()) -> dict:
         "prefill_ms_dense": 1e3 * t_dense,
         "prefill_ms_blindsight": 1e3 * t_sparse,
         "prefill_speedup": t_dense / t_sparse,
+        "prefill_attention": "dense (cost model: not faster)" if ran_dense else "sparse",
+        **_long_prefill(model, profile, cfg.long_layout, cfg.repeat),
         "png": cfg.png,
         "seconds": time.time() - t0,
     }
@@ -152,7 +191,11 @@ def format_report(r: dict) -> str:
         lines.append(f"{task:<8}{100 * acc:>7.1f}%{100 * r['accuracy_by_task']['blindsight'][task]:>11.1f}%")
     lines.append(f"{'all':<8}{100 * r['accuracy_dense']:>7.1f}%{100 * r['accuracy_blindsight']:>11.1f}%")
     lines.append(f"prefill (compiled language model alone): dense {r['prefill_ms_dense']:.1f} ms, BlindSight "
-                 f"{r['prefill_ms_blindsight']:.1f} ms ({r['prefill_speedup']:.2f}x)")
+                 f"{r['prefill_ms_blindsight']:.1f} ms ({r['prefill_speedup']:.2f}x; attention ran "
+                 f"{r['prefill_attention']})")
+    lines.append(f"longer prompt ({r['long_prompt_tokens']} tokens, synthetic): dense {r['long_prefill_ms_dense']:.1f} ms, "
+                 f"BlindSight {r['long_prefill_ms_blindsight']:.1f} ms ({r['long_prefill_speedup']:.2f}x; attention ran "
+                 f"{'sparse' if r['long_prefill_sparse'] else 'dense (cost model: not faster)'})")
     if r["png"]:
         lines.append(f"profile heatmap written to {r['png']}")
     lines.append(f"({r['seconds']:.0f} s in all)")

@@ -164,7 +164,9 @@ def evaluate(model, examples: list[Example], profile: Profile, thresholds=(None,
     for t in thresholds:
         p = profile if t is None else profile.decide(thresholds=t)
         template = Template.from_dict(p.model.template)
-        with compiled_language_model(model, blindsight_backend(p, **backend_options)):
+        # accuracy of sparse attention: every call sparse, whatever the cost model would pick at this length
+        options = {"only_if_faster": False, **backend_options}
+        with compiled_language_model(model, blindsight_backend(p, **options)):
             hits = accuracy(model, examples, template, progress, desc=f"blindsight{'' if t is None else f' @{t}'}")
         att, pre = flop_reductions(examples, p, model.config)
         results.append(EvalResult(t, sum(hits) / len(examples), att, pre, {c.json_name: n for c, n in p.counts().items()},

@@ -1,7 +1,8 @@
 """Process-wide counters: what BlindSight found, rewrote, built and skipped (``blindsight.stats()``).
 
 Every language-model attention call that runs dense is counted as ``fallback.<reason>``. Reasons that are
-normal operation (``decode``, ``no_images``: exactly dense by definition) are only counted; every other reason
+normal operation (``decode``, ``no_images``: exactly dense by definition; ``not_faster``: predicted no faster
+than dense) are only counted; every other reason
 also warns once per process, the first time it happens, saying what to do (``warn_on_fallback`` warns always).
 """
 
@@ -18,7 +19,8 @@ _LOCK = threading.Lock()
 _WARNED: set = set()
 
 # Fallbacks that are expected (the call is exactly dense by definition): never warned.
-QUIET_FALLBACKS = frozenset({"decode", "no_images", "not_self_attention"})
+# ``not_faster``: the cost model predicted that sparse would not beat dense here (a short prompt): by design.
+QUIET_FALLBACKS = frozenset({"decode", "no_images", "not_self_attention", "not_faster"})
 
 FALLBACK_ADVICE = {
     "no_layout": "no input_ids reached this call's forward; pass input_ids, or wrap the call in "
@@ -67,7 +69,8 @@ def stats() -> dict[str, int]:
 def sparse_fraction() -> float:
     """Sparse calls / prefill calls that had images and should have been sparse (1.0 when there were none).
 
-    The denominator leaves out the calls that are dense by definition (decode, text-only prompts).
+    The denominator leaves out the calls that are dense by definition (decode, text-only prompts) and those the
+    cost model ran dense because sparse would not have been faster (``not_faster``).
     """
     s = stats()
     sparse = s.get("sparse_calls", 0)

@@ -69,3 +69,30 @@ def plot_profile(profile, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_sweep(points: list[dict], path, cross: int | None = None) -> None:
+    """Speedup of one layer's attention (forced sparse, and with the cost model's defaults) and the ideal
+    (FLOP ratio) against prompt length, log-scale length; ``cross``: the length where sparse starts to win."""
+    plt = _pyplot()
+    tokens = [p["tokens"] for p in points]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(tokens, [p["ideal"] for p in points], "k--", label="ideal (FLOP ratio)")
+    ax.plot(tokens, [p["speedup"] for p in points], "o-", label="BlindSight, every call sparse")
+    ax.plot(tokens, [p["default_speedup"] for p in points], "s:", label="BlindSight defaults (cost model)")
+    ax.axhline(1.0, color="gray", lw=0.8)
+    if cross is not None:
+        ax.axvline(cross, color="tab:green", lw=0.8)
+        ax.annotate(f"sparse wins from {cross} tokens", (cross, 1.0), xytext=(4, 6), textcoords="offset points",
+                    fontsize=8, color="tab:green")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("prompt tokens")
+    ax.set_ylabel("speedup vs compiled dense SDPA")
+    p0 = points[0]
+    ax.set_title(f"one layer's attention: {p0['heads']} heads / {p0['kv_heads']} kv, d={p0['head_dim']}, {p0['dtype']}",
+                 fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+

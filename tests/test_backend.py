@@ -51,7 +51,7 @@ def compiled():
         if (name, batch_size, lowering) not in cache:
             model = build(name)
             profile = mixed_profile(model)
-            backend = blindsight_backend(profile, compile_dense=False, lowering=lowering)
+            backend = blindsight_backend(profile, compile_dense=False, lowering=lowering, only_if_faster=False)
             cache[name, batch_size, lowering] = (model, torch.compile(model, backend=backend, dynamic=False), profile)
         return cache[name, batch_size, lowering]
 
@@ -129,7 +129,7 @@ def test_all_dense_profile_equals_compiled_dense():
     inp = inputs("qwen2_vl", 1)
     profile = Profile.uniform("dense", model)
     blindsight.reset_stats()
-    out = logits(torch.compile(model, backend=blindsight_backend(profile), dynamic=False), inp)
+    out = logits(torch.compile(model, backend=blindsight_backend(profile, only_if_faster=False), dynamic=False), inp)
     s = blindsight.stats()
     assert s["sites_found"] == s["sites_rewritten"] == s["sparse_calls"] == model.config.text_config.num_hidden_layers
     assert s["sites_skipped.not_language_model"] >= 1  # the vision tower's attention is left alone
@@ -146,7 +146,7 @@ def test_generate_matches_reference_tokens():
     with reference_attention(model, layout_of(model, inp), profile), torch.no_grad():
         ref = model.generate(**inp, max_new_tokens=4, do_sample=False)
     dense = model.generate(**inp, max_new_tokens=4, do_sample=False)
-    model.forward = torch.compile(model.forward, backend=blindsight_backend(profile, compile_dense=False))
+    model.forward = torch.compile(model.forward, backend=blindsight_backend(profile, compile_dense=False, only_if_faster=False))
     blindsight.reset_stats()
     with torch.no_grad():
         out = model.generate(**inp, max_new_tokens=4, do_sample=False)
@@ -168,7 +168,7 @@ def test_use_layout_drives_a_model_fed_inputs_embeds():
     template = blindsight.Template.from_config(model.config)
     layout = blindsight.Layout.from_spec("text:3,(image:6,text:2)x3,image:5,text:4", template)
     emb = _lm_inputs(model, layout.seq_len)
-    clm = torch.compile(lm, backend=blindsight_backend(profile, compile_dense=False), dynamic=False)
+    clm = torch.compile(lm, backend=blindsight_backend(profile, compile_dense=False, only_if_faster=False), dynamic=False)
     blindsight.reset_stats()
     with torch.no_grad():
         dense = clm(inputs_embeds=emb).last_hidden_state
@@ -188,7 +188,7 @@ def test_profile_of_another_shape_raises():
     """Test 6a: a profile for 8 heads on a 4-head model fails at compile time, saying what differs."""
     model = build("qwen2_vl")
     info = ModelInfo("qwen2_vl", num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16)
-    clm = torch.compile(model.model.language_model, backend=blindsight_backend(Profile.uniform("intra", info)))
+    clm = torch.compile(model.model.language_model, backend=blindsight_backend(Profile.uniform("intra", info), only_if_faster=False))
     with pytest.raises(Exception, match="num_heads: profile has 8, model has 4") as e:
         clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
     assert isinstance(e.value, ProfileMismatchError) or isinstance(e.value.__cause__, ProfileMismatchError) \
@@ -198,7 +198,7 @@ def test_profile_of_another_shape_raises():
 def test_eager_attention_model_raises_clear_error():
     """Test 6b: a model whose attention never reaches SDPA gets told to load it with sdpa."""
     model = build("qwen2_vl", attn_implementation="eager")
-    clm = torch.compile(model.model.language_model, backend=blindsight_backend(mixed_profile(model)))
+    clm = torch.compile(model.model.language_model, backend=blindsight_backend(mixed_profile(model), only_if_faster=False))
     with pytest.raises(Exception, match='attn_implementation="sdpa"'):
         clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
 
@@ -226,7 +226,7 @@ def test_lowering_keeps_the_calls_own_mask(mask_kind, lowering):
     else:
         mask = None
     fn = torch.compile(lambda q, k, v, m: torch.ops.blindsight.attention(
-        q, k, v, m, heads, 0.3, mask is None, lowering, 32), dynamic=False)
+        q, k, v, m, heads, 0.3, mask is None, lowering, 32, False), dynamic=False)
     blindsight.reset_stats()
     with calls_use(layout):
         out = fn(q, k, v, mask)

@@ -30,7 +30,7 @@ def lm():
     model = build("qwen2_vl")
     lm = model.model.language_model
     profile = mixed_profile(model)
-    return lm, profile, torch.compile(lm, backend=blindsight_backend(profile))
+    return lm, profile, torch.compile(lm, backend=blindsight_backend(profile, only_if_faster=False))
 
 
 def padded(id_rows, left=True):
@@ -141,9 +141,9 @@ def test_profile_template_is_checked_against_the_model():
     for profile, message in cases:
         torch._dynamo.reset()
         with pytest.raises(Exception, match=message):
-            hidden(torch.compile(model.model, backend=blindsight_backend(profile)), **inp)
+            hidden(torch.compile(model.model, backend=blindsight_backend(profile, only_if_faster=False)), **inp)
         with pytest.raises(ProfileMismatchError, match=message):
-            blindsight.attach(model, profile)
+            blindsight.attach(model, profile, only_if_faster=False)
 
 
 def test_inference_mode_runs_sparse(lm):
@@ -161,7 +161,7 @@ def test_autograd_runs_dense_counted_and_warned():
     """Item 6: a forward with autograd on runs dense (exact), counted and warned; never an internal error."""
     model = build("qwen2_vl")
     lm = model.model.language_model
-    clm = torch.compile(lm, backend=blindsight_backend(mixed_profile(model)))
+    clm = torch.compile(lm, backend=blindsight_backend(mixed_profile(model), only_if_faster=False))
     ids, mask = padded([PROMPT_A])
     blindsight.reset_stats()
     with pytest.warns(UserWarning, match="torch.no_grad"):
@@ -170,7 +170,7 @@ def test_autograd_runs_dense_counted_and_warned():
     got.sum().backward()  # the dense graph trains
     torch.testing.assert_close(got.detach(), hidden(lm, input_ids=ids, attention_mask=mask), atol=1e-5, rtol=1e-5)
     blindsight.reset_stats()  # and the eager path
-    blindsight.attach(model, mixed_profile(model))
+    blindsight.attach(model, mixed_profile(model), only_if_faster=False)
     with pytest.warns(UserWarning, match="torch.no_grad"):
         lm(input_ids=ids, attention_mask=mask)
     assert blindsight.stats().get("fallback.autograd") == 2
@@ -257,7 +257,7 @@ def test_recompile_limit_is_counted_and_warned():
     model = build("qwen2_vl")
     lm = model.model.language_model
     torch._dynamo.reset()
-    clm = torch.compile(lm, backend=blindsight_backend(mixed_profile(model), recompile_limit=None), dynamic=False)
+    clm = torch.compile(lm, backend=blindsight_backend(mixed_profile(model), recompile_limit=None, only_if_faster=False), dynamic=False)
     blindsight.reset_stats()
     try:
         with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):

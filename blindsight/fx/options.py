@@ -25,6 +25,9 @@ class BackendOptions:
     - ``lowering``: how a sparse call runs. ``"flex"``: FlexAttention with the per-head BlockMask (the GPU
       lowering and the reference); ``"segments"``: SDPA per image segment over gathered keys, faster on CPU
       where the flex kernel is slow; ``"auto"`` (default): segments on CPU, flex elsewhere.
+    - ``only_if_faster``: run a call sparse only where the cost model (:mod:`blindsight.lowering.cost`,
+      rates measured on this machine at first use) predicts it beats the dense call; otherwise run it dense,
+      counted as ``fallback.not_faster`` (default True). ``False``: every call that can be sparse is.
     - ``recompile_limit``: raise ``torch._dynamo.config.recompile_limit`` to at least this (default 64;
       ``None``: leave it alone). transformers' forward decorators share one code object (``wrapper``) across
       every decorated forward of a model, so Dynamo's default limit of 8 per code object fills up after two or
@@ -38,6 +41,7 @@ class BackendOptions:
     compile_dense: bool = True
     lowering: str = "auto"
     recompile_limit: int | None = 64
+    only_if_faster: bool = True
 
     def __post_init__(self):
         if self.template is not None and not isinstance(self.template, Template):
@@ -49,7 +53,7 @@ class BackendOptions:
         resolve_lowering(self.lowering, "cpu")  # raises for an unknown name
         if self.recompile_limit is not None and (type(self.recompile_limit) is not int or self.recompile_limit < 1):
             raise ValueError(f"BackendOptions.recompile_limit must be a positive int or None, got {self.recompile_limit!r}")
-        for name in ("warn_on_fallback", "compile_dense"):
+        for name in ("warn_on_fallback", "compile_dense", "only_if_faster"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackendOptions.{name} must be a bool, got {getattr(self, name)!r}")
 

@@ -17,7 +17,7 @@ __all__ = ["rewrite_sites"]
 
 
 def rewrite_sites(gm: torch.fx.GraphModule, scan: SiteScan, profile: Profile, lowering: str,
-                  block_size: int) -> int:
+                  block_size: int, only_if_faster: bool = True) -> int:
     """Rewrite ``gm`` in place (only call nodes change; Dynamo's placeholders stay as they are); returns the count."""
     op = torch.ops.blindsight.attention.default
     graph = gm.graph
@@ -29,7 +29,7 @@ def rewrite_sites(gm: torch.fx.GraphModule, scan: SiteScan, profile: Profile, lo
         with graph.inserting_before(node):
             new = graph.call_function(
                 op, (a["query"], a["key"], a["value"], a["attn_mask"], heads, scale, site.is_causal, lowering,
-                     block_size))
+                     block_size, only_if_faster))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         graph.erase_node(node)

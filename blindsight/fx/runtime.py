@@ -66,7 +66,8 @@ class GraphRunner:
         self.lowering = None
         if self.scan.sites:
             self.lowering = options.lowering_for(node_value(self.scan.sites[0].node.args[0]).device)
-            rewrite_sites(gm, self.scan, backend.profile, self.lowering, options.block_size)
+            rewrite_sites(gm, self.scan, backend.profile, self.lowering, options.block_size,
+                          options.only_if_faster)
         if options.compile_dense:
             from torch._inductor.compile_fx import compile_fx
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,21 @@ import torch.nn.functional as F
 from ..layout import Layout
 from ..profile import Category
 from ..stats import count, record_fallback
-from .flex import flex_sparse_attention
-from .segments import layout_plan, segment_attention
+from .cost import KernelRates, Work, kernel_rates, sparse_pays
+from .flex import flex_sparse_attention, flex_work, measure_flex_rates
+from .segments import layout_plan, measure_segment_rates, segment_attention, segment_work
 
-__all__ = ["LOWERINGS", "sparse_attention", "dense_attention", "calls_use", "resolve_lowering", "segment_attention",
-           "layout_plan", "flex_sparse_attention", "default_scale"]
+__all__ = ["LOWERINGS", "Lowering", "sparse_attention", "dense_attention", "calls_use", "resolve_lowering",
+           "segment_attention", "layout_plan", "flex_sparse_attention", "default_scale", "predicted_work"]
+
+
+@dataclass(frozen=True)
+class Lowering:
+    """A sparse lowering: how it runs a call, what it computes for one (for the cost model), its kernel rates."""
+
+    run: Callable  # (q, k, v, attn_mask, layout, heads, scale, is_causal, block_size) -> out
+    work: Callable  # (q, k, attn_mask, layout, heads, is_causal, block_size) -> (sparse Work, dense Work)
+    rates: Callable  # (device, dtype, head_dim) -> KernelRates
 
 
 def _segments(q, k, v, attn_mask, layout: Layout, heads, scale, is_causal, block_size):
@@ -33,8 +44,21 @@ def _segments(q, k, v, attn_mask, layout: Layout, heads, scale, is_causal, block
                              is_causal)
 
 
-# name -> lowering(q, k, v, attn_mask, layout, heads, scale, is_causal, block_size); "auto" picks per device
-LOWERINGS = {"flex": flex_sparse_attention, "segments": _segments}
+def _segments_work(q, k, attn_mask, layout: Layout, heads, is_causal, block_size):
+    return segment_work(q, k, attn_mask, layout.image.to(q.device), layout.sink.to(q.device), heads, is_causal)
+
+
+def _segments_rates(device, dtype, head_dim) -> KernelRates:
+    return kernel_rates("segments", device, dtype, head_dim, measure_segment_rates)
+
+
+def _flex_rates(device, dtype, head_dim) -> KernelRates:
+    return kernel_rates("flex", device, dtype, head_dim, lambda dt, d: measure_flex_rates(dt, d, device))
+
+
+# name -> Lowering; "auto" picks per device (resolve_lowering)
+LOWERINGS = {"flex": Lowering(flex_sparse_attention, flex_work, _flex_rates),
+             "segments": Lowering(_segments, _segments_work, _segments_rates)}
 
 
 def resolve_lowering(name: str, device: torch.device | str) -> str:
@@ -98,21 +122,35 @@ def why_dense(q, k, v, layout: Layout | None, reason: str | None) -> str | None:
     return None
 
 
+def predicted_work(q, k, attn_mask, layout: Layout, heads, is_causal: bool, lowering: str = "auto",
+                   block_size: int = 128) -> tuple[Work, Work]:
+    """(sparse, dense) work of a call on a lowering, as the cost model sees it (for benchmarks and tests)."""
+    name = resolve_lowering(lowering, q.device)
+    return LOWERINGS[name].work(q, k, attn_mask, layout, [int(Category(h)) for h in heads], is_causal, block_size)
+
+
 def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=None, is_causal: bool = False,
                      lowering: str = "auto", block_size: int = 128, reason: str | None = None,
-                     warn_always: bool = False) -> torch.Tensor:
+                     warn_always: bool = False, only_if_faster: bool = True) -> torch.Tensor:
     """``SDPA(q, k, v, attn_mask or is_causal, scale)`` AND each query head's category (``heads``), exactly.
 
     ``q [B, H, S, D]``, ``k``/``v`` ``[B, H or KV heads, S, D]``; ``attn_mask`` bool (True = attend) or additive,
-    broadcastable to ``[B, H, S, S]``. A call that cannot be sparse runs dense SDPA and is counted by reason.
+    broadcastable to ``[B, H, S, S]``. A call that cannot be sparse runs dense SDPA and is counted by reason;
+    so does one that the cost model predicts would not beat dense (``not_faster``, unless ``only_if_faster``
+    is False).
     """
     why = why_dense(q, k, v, layout, reason)
+    name = resolve_lowering(lowering, q.device)
+    heads = [int(Category(h)) for h in heads]
+    if why is None and only_if_faster:
+        impl = LOWERINGS[name]
+        sparse, dense = impl.work(q, k, attn_mask, layout, heads, is_causal, block_size)
+        if not sparse_pays(sparse, dense, impl.rates(q.device, q.dtype, q.shape[-1])):
+            why = "not_faster"
     if why is not None:
         record_fallback(why, 1, warn_always)
         return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
-    name = resolve_lowering(lowering, q.device)
-    heads = [int(Category(h)) for h in heads]
-    out = LOWERINGS[name](q, k, v, attn_mask, layout, heads, default_scale(q, scale), is_causal, block_size)
+    out = LOWERINGS[name].run(q, k, v, attn_mask, layout, heads, default_scale(q, scale), is_causal, block_size)
     count("sparse_calls")
     count(f"lowering.{name}")
     return out.contiguous()
@@ -121,13 +159,13 @@ def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=Non
 @torch.library.custom_op("blindsight::attention", mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None,
                  heads: list[int], scale: float | None, is_causal: bool, lowering: str,
-                 block_size: int) -> torch.Tensor:
+                 block_size: int, only_if_faster: bool) -> torch.Tensor:
     """What each rewritten site calls: :func:`sparse_attention` with the layout the run time set (:func:`calls_use`)."""
     call = _CALL.get() or CallLayout(None, "no_layout")
     return sparse_attention(q, k, v, attn_mask, call.layout, heads, scale, is_causal, lowering, block_size,
-                            call.reason, call.warn_always)
+                            call.reason, call.warn_always, only_if_faster)
 
 
 @attention_op.register_fake
-def _(q, k, v, attn_mask, heads, scale, is_causal, lowering, block_size):
+def _(q, k, v, attn_mask, heads, scale, is_causal, lowering, block_size, only_if_faster):
     return q.new_empty(*q.shape[:-1], v.shape[-1])

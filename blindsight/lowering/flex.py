@@ -13,14 +13,16 @@ from __future__ import annotations
 import warnings
 
 import torch
-from torch.nn.attention.flex_attention import flex_attention
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from ..layout import Layout
-from ..masks import BaseMask, build_block_mask
+from ..masks import BaseMask, build_block_mask, category_tiles
 from ..profile import Category
+from .cost import KernelRates, Work, best_seconds
 from .segments import is_plain_causal
 
-__all__ = ["flex_sparse_attention"]
+__all__ = ["flex_sparse_attention", "flex_work", "measure_flex_rates"]
 
 _KERNELS: dict = {}
 
@@ -30,6 +32,44 @@ def _kernel(device: torch.device):
     if dynamic not in _KERNELS:
         _KERNELS[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
     return _KERNELS[dynamic]
+
+
+def _base(attn_mask, is_causal: bool) -> BaseMask:
+    """The analytic part of the call's mask (what decides which tiles are computed)."""
+    if attn_mask is None:
+        return BaseMask(causal=is_causal)
+    plain = attn_mask.dtype == torch.bool and all(is_plain_causal(attn_mask, b) for b in range(attn_mask.shape[0]))
+    return BaseMask() if plain else BaseMask(causal=False)
+
+
+def flex_work(q, k, attn_mask, layout: Layout, heads: list[int], is_causal: bool,
+              block_size: int = 128) -> tuple[Work, Work]:
+    """(sparse, dense) work of this call: the pairs of the tiles FlexAttention computes, and SDPA's pairs."""
+    B, H, S, _ = q.shape
+    base = _base(attn_mask, is_causal)
+    partial, full = category_tiles(layout.to(q.device), base, block_size)
+    index = torch.tensor(heads, device=partial.device)
+    tiles = int((partial | full)[index].sum())  # over heads and batch rows
+    dense_pairs = B * H * (S * (S + 1) / 2 if base.causal else S * S)
+    return Work(small_pairs=tiles * block_size * block_size, calls=1), Work(dense_pairs=dense_pairs, calls=1)
+
+
+def measure_flex_rates(dtype: torch.dtype, head_dim: int, device: torch.device | None = None) -> KernelRates:
+    """Seconds per pair of SDPA (causal) and of FlexAttention's computed tiles, on ``device``, at 2K tokens."""
+    device = device or torch.device("cuda")
+    S, H = 2048, 8
+    q = torch.randn(1, H, S, head_dim, device=device, dtype=dtype)
+    dense = best_seconds(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device) / (H * S * (S + 1) / 2)
+    mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, S, S, device=device)
+    tiles = int((mask.kv_num_blocks.sum() + (mask.full_kv_num_blocks.sum() if mask.full_kv_num_blocks is not None
+                                              else 0)))
+    kernel = _kernel(device)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        flex = best_seconds(lambda: kernel(q, q, q, block_mask=mask), device) / (H * tiles * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1])
+    tiny = q[:, :1, :16]
+    call = best_seconds(lambda: F.scaled_dot_product_attention(tiny, tiny, tiny), device, repeat=20)
+    return KernelRates(dense, flex, call)
 
 
 def flex_sparse_attention(q, k, v, attn_mask, layout: Layout, heads: list[int], scale: float, is_causal: bool,

@@ -18,14 +18,16 @@ at run time with the real layout: data-dependent segment sizes need no tracing a
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from ..profile import Category
+from .cost import KernelRates, Work, best_seconds
 
-__all__ = ["segment_attention", "layout_plan", "is_plain_causal"]
+__all__ = ["segment_attention", "segment_work", "measure_segment_rates", "layout_plan", "is_plain_causal"]
 
 
 def _segments(img: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -120,8 +122,15 @@ def _combine(base, keep: torch.Tensor | None):
 # reuses it). Results are written into the output through strided views.
 
 _CALL_COST = 48 * 1024  # one more flash call costs about as much time as this many (rows x keys) pairs
-_PART_ROWS = 256  # own-block part height: smaller parts waste less of the triangle but make more calls
 _MASK_BUDGET = 1 << 25  # float mask elements a layout's plan may keep (128 MiB in float32); beyond: per call
+
+
+def _own_parts(L: int, segments: int) -> int:
+    """Parts of an own block of L rows: each part computes its own keys up to its last row, so P parts waste
+    ~L^2 / 2P pairs per segment (the parts' upper triangles) and add P calls shared by the run's segments:
+    P = L * sqrt(segments / (2 * _CALL_COST)) minimises the sum. At most one part per 32 rows (the kernel's
+    smallest query block)."""
+    return max(1, min(-(-L // 32), round(L * math.sqrt(segments / (2 * _CALL_COST)))))
 
 
 def _chunks(counts: list[int], n: list[int], cost=lambda rows, keys: rows * keys) -> list[tuple[int, int]]:
@@ -217,8 +226,9 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
         for c in cats:
             n = torch.searchsorted(keys[c], starts).tolist()  # keys before the segment
             own = ns if c == Category.SINK else L  # SINK: its own sinks (and its own key, merged later)
-            parts = [(0, L)] if c == Category.SINK else [
-                (L * p // P, L * (p + 1) // P) for P in [max(1, round(L / _PART_ROWS))] for p in range(P)]
+            P = 1 if c == Category.SINK else _own_parts(L, len(run.starts))
+            height = 32 * -(-L // (32 * P))  # whole query blocks of the kernel
+            parts = [(r, min(L, r + height)) for r in range(0, L, height)]
             chunks = []
             for lo, hi in _chunks([L] * len(n), n, lambda rows, keys: rows * keys + (len(parts) - 1) * _CALL_COST):
                 nk, m = n[hi - 1], hi - lo
@@ -317,7 +327,11 @@ def _image_rows(qh, kk, vv, dst, c: int, plan: _Plan, scale: float) -> None:
         sink_terms = []
         for lo, hi, index, calls, mask in run.chunks[c]:
             starts, m = run.starts[lo:hi], hi - lo
-            qs, ks, vs = _segments_of(qh, starts, L), kk[index], vv[index]
+            # index_select over the flat index: several times faster than advanced indexing on CPU
+            flat = index.flatten()
+            ks = kk.index_select(0, flat).view(m, -1, kk.shape[-1])
+            vs = vv.index_select(0, flat).view(m, -1, vv.shape[-1])
+            qs = _segments_of(qh, starts, L)
             mask = mask if isinstance(mask, torch.Tensor) else _chunk_mask(*mask, L, qh.dtype)
             for r0, r1, nk in calls:
                 o, lse = _flash(qs[:, :, r0:r1], ks[:, None, :nk].expand(m, h, nk, D),
@@ -350,6 +364,55 @@ def _text_rows(qh, kk, vv, dst, tp: _TextPlan, scale: float) -> None:
     dst[:, tp.rows] = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
 
+def _merge(o1, lse1, o2, lse2) -> torch.Tensor:
+    """Softmax over the union of two disjoint key sets from each set's (output, log-sum-exp), in float32."""
+    lse = torch.logaddexp(lse1, lse2)
+    w1, w2 = torch.exp(lse1 - lse).unsqueeze(-1), torch.exp(lse2 - lse).unsqueeze(-1)
+    return torch.addcmul(o1.float() * w1, o2.float(), w2)
+
+
+_BALANCE_MIN_ROWS = 2048  # below this a causal call is cheap enough that one more call and a merge do not pay
+
+
+def _causal_heads(qh, kk, vv, dst, scale: float) -> None:
+    """Causal attention of heads ``qh [h, S, D]`` on one KV head ``kk``/``vv [S, D]``, into ``dst``, balanced.
+
+    The CPU kernel hands each thread one contiguous range of its (batch, head, row block) items. A causal
+    head's row blocks grow in cost, so when the heads do not divide among the threads, the thread with the
+    last rows does most of the work (1 head on 2 threads: 3/4 of it, 1.5x the balanced time). So the rows are
+    cut into P pieces with h * P a multiple of the threads: every piece's own triangle in one call (the
+    pieces are the batch of a strided view: whole triangles per thread), and each later piece's rectangle
+    over the keys before it (uniform work), merged by log-sum-exp. The same pairs as one causal call.
+    """
+    h, S, D = qh.shape
+    threads = torch.get_num_threads()
+    P = threads // math.gcd(h, threads)
+    if P == 1 or S < max(_BALANCE_MIN_ROWS, 2 * P):
+        o, _ = _flash(qh[None], kk[None, None].expand(1, h, S, D), vv[None, None].expand(1, h, S, -1), True, scale)
+        dst.copy_(o[0])
+        return
+    step = S // P
+    L = S - (P - 1) * step  # the last piece takes the remainder; earlier pieces overlap the next by L - step rows
+    starts = [i * step for i in range(P)]
+    qs = _strided_pieces(qh, step, L)
+    ks = _strided_pieces(kk[None], step, L).expand(P, h, L, D)
+    vs = _strided_pieces(vv[None], step, L).expand(P, h, L, vv.shape[-1])
+    o_own, lse_own = _flash(qs, ks, vs, True, scale)
+    dst[:, :L].copy_(o_own[0])
+    for i, s in enumerate(starts[1:], 1):
+        o, lse = _flash(qs[i:i + 1], kk[None, None, :s].expand(1, h, s, D), vv[None, None, :s].expand(1, h, s, -1),
+                        False, scale)
+        dst[:, s:s + L].copy_(_merge(o_own[i], lse_own[i], o[0], lse[0]))
+
+
+def _strided_pieces(x: torch.Tensor, step: int, L: int) -> torch.Tensor:
+    """``[P, h, L, D]`` view of ``x [h, S, D]``: rows ``[i * step, i * step + L)`` for each piece i (may overlap)."""
+    h, S, D = x.shape
+    P = (S - L) // step + 1
+    sh, ss, sd = x.stride()
+    return x.as_strided((P, h, L, D), (step * ss, sh, ss, sd), x.storage_offset())
+
+
 def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: float) -> bool:
     """Causal attention of batch row b, every head, written into ``out``; False if the layout needs the general path."""
     S = q.shape[2]
@@ -363,8 +426,7 @@ def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: fl
         c = heads[h0]
         qh, kk, vv, dst = q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1]
         if c == Category.DENSE:
-            o, _ = _flash(qh[None], kk[None, None].expand(1, h1 - h0, S, -1), vv[None, None].expand(1, h1 - h0, S, -1), True, scale)
-            dst.copy_(o[0])
+            _causal_heads(qh, kk, vv, dst, scale)
         else:
             _image_rows(qh, kk, vv, dst, c, plan, scale)
     if plan is not None and plan.text_rows.numel():  # text rows keep every earlier key, in every category
@@ -375,6 +437,89 @@ def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: fl
                     plan.text[h1 - h0] = _text_plan(plan.text_rows, q.dtype, h1 - h0)
                 _text_rows(q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1], plan.text[h1 - h0], scale)
     return True
+
+
+# ---- the work account (for the cost model, blindsight.lowering.cost) --------------------------------
+
+
+def _threads_used(items: int) -> float:
+    """The fraction of the threads' time a call of ``items`` equal work items keeps busy (static split)."""
+    threads = torch.get_num_threads()
+    return items / (-(-items // threads) * threads)
+
+
+def _small_call(m: int, h: int, rows: int, keys: int) -> Work:
+    """One call of ``m`` x ``h`` (rows x keys) blocks, its pairs scaled up by the threads it leaves idle."""
+    split = 32 if rows < 192 else 64 if rows < 768 else 256  # the CPU kernel's query block
+    return Work(small_pairs=m * h * rows * keys / _threads_used(m * h * -(-rows // split)), calls=1)
+
+
+def _causal_pairs(S: int) -> int:
+    """Pairs the CPU kernel computes for one causal head of S rows: each query block up to its last row."""
+    split = 32 if S < 192 else 64 if S < 768 else 256
+    return sum(min(split, S - m) * min(m + split, S) for m in range(0, S, split))
+
+
+def _dense_heads_work(h: int, S: int) -> Work:
+    """What :func:`_causal_heads` (or one causal SDPA call) computes, in one call or P balanced pieces."""
+    pieces = torch.get_num_threads() // math.gcd(h, torch.get_num_threads())
+    return Work(dense_pairs=h * _causal_pairs(S), calls=pieces if S >= max(_BALANCE_MIN_ROWS, 2 * pieces) else 1)
+
+
+def _causal_work(plan: _Plan, heads: list[int], rep: int, S: int) -> Work:
+    work = Work()
+    for h0, h1, _ in _head_groups(heads, rep, True):
+        c, h = heads[h0], h1 - h0
+        if c == Category.DENSE:
+            work += _dense_heads_work(h, S)
+            continue
+        for run in plan.runs:
+            for lo, hi, _, calls, _ in run.chunks[c]:
+                for r0, r1, nk in calls:
+                    work += _small_call(hi - lo, h, r1 - r0, nk)
+    sparse = [int(c != Category.DENSE) for c in heads]
+    for h0, h1, _ in _head_groups(sparse, rep, True):
+        if sparse[h0] and plan.text_rows.numel():
+            text = plan.text.get(h1 - h0) or _text_plan(plan.text_rows, torch.float32, h1 - h0)
+            for r0, r1, nk, _ in text.chunks:
+                work += _small_call(1, h1 - h0, r1 - r0, nk)
+    return work
+
+
+def _general_work(img: torch.Tensor, snk: torch.Tensor, heads: list[int], causal: bool) -> Work:
+    """The general path's calls (a mask, or sinks that do not open their segment), counted roughly."""
+    S = img.numel()
+    segments = _segments(img)
+    text, sinks = int((img < 0).sum()), int(snk.sum())
+    work = Work()
+    n_dense = sum(c == Category.DENSE for c in heads)
+    if n_dense:
+        work += _dense_heads_work(n_dense, S) if causal else _small_call(1, n_dense, S, S)
+    for c in set(heads) - {int(Category.DENSE)}:
+        h = sum(x == c for x in heads)
+        work += _small_call(1, h, text, S)
+        for _, s0, s1 in segments:
+            work += _small_call(1, h, s1 - s0, text + (sinks if c != Category.INTRA else 0) + s1 - s0)
+    return work
+
+
+def segment_work(q, k, attn_mask, image: torch.Tensor, sink: torch.Tensor, heads: list[int],
+                 is_causal: bool) -> tuple[Work, Work]:
+    """(sparse, dense) :class:`~blindsight.lowering.cost.Work` of this call: what segment_attention and SDPA compute."""
+    B, H, S, _ = q.shape
+    rep = H // k.shape[1]
+    cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
+    sparse, dense = Work(), Work()
+    for b in range(B):
+        causal = attn_mask is None and is_causal or attn_mask is not None and is_plain_causal(attn_mask, b)
+        dense += _dense_heads_work(H, S) if causal else _small_call(1, H, S, S)
+        img, snk = image[b], sink[b]
+        plan = _cached_plan(img, snk, cats, q.dtype) if causal and cats and bool((img >= 0).any()) else None
+        if plan is not None:
+            sparse += _causal_work(plan, heads, rep, S)
+        else:
+            sparse += _general_work(img, snk, heads, causal)
+    return sparse, dense
 
 
 def segment_attention(
@@ -453,4 +598,35 @@ def segment_attention(
                 out[b, hs, s0:s1] = res[0]
     return out
 
+
+def measure_segment_rates(dtype: torch.dtype, head_dim: int) -> KernelRates:
+    """This machine's rates for the segments lowering: the dense kernel's and a masked segment call's seconds per
+    pair, and what one more call of the lowering costs beyond its pairs (Python, gathers, masks, copies),
+    from timing this lowering on a small prompt (4 heads, one per category, 4 images)."""
+    g = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    cpu = torch.device("cpu")
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    S = 1024  # a dense causal call of whole heads, as many as threads (the dense call's kernel, balanced)
+    q = rand(1, threads, S, head_dim)
+    dense = best_seconds(lambda: _flash(q, q, q, True, 1.0), cpu) / (threads * _causal_pairs(S))
+    m, rows, keys = 2 * threads, 256, 512  # a batch of segment-sized calls with a float mask
+    qs, ks = rand(m, 1, rows, head_dim), rand(m, 1, keys, head_dim)
+    mask = torch.zeros(m, 1, rows, keys, dtype=dtype)
+    small = best_seconds(lambda: _flash(qs, ks, ks, False, 1.0, mask), cpu) / (m * rows * keys)
+    # the lowering itself on a small prompt: what is left beyond its pairs, per call
+    image = torch.full((1, 480), -1)
+    for i in range(4):
+        image[0, 32 + 104 * i:32 + 104 * i + 96] = i
+    sink = torch.zeros_like(image, dtype=torch.bool)
+    sink[0, 32 + 104 * torch.arange(4)] = True
+    heads = [int(c) for c in Category]
+    q, kv = rand(1, len(heads), 480, head_dim), rand(1, 1, 480, head_dim)
+    work, _ = segment_work(q, kv, None, image, sink, heads, True)
+    run = best_seconds(lambda: segment_attention(q, kv, kv, None, image, sink, heads, 1.0, True), cpu)
+    call = max(0.0, run - work.dense_pairs * dense - work.small_pairs * small) / work.calls
+    return KernelRates(dense, small, call)
 
