@@ -118,9 +118,10 @@ def max_error_on_rows(out, q, k, v, layout: Layout, heads, rows: torch.Tensor, c
     err = 0.0
     for i in range(0, rows.numel(), chunk):
         r = rows[i:i + chunk]
-        mask = reference_mask(layout, heads, rows=r)
-        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, r].float(), kf, vf, attn_mask=mask)
-        err = max(err, (out[:, :, r].float() - ref).abs().max().item())
+        rq = r.to(q.device)
+        mask = reference_mask(layout, heads, rows=r).to(q.device)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, rq].float(), kf, vf, attn_mask=mask)
+        err = max(err, (out[:, :, rq].float() - ref).abs().max().item())
     return err
 
 
