@@ -35,7 +35,7 @@ class Lowering:
     """A sparse lowering: how it runs a call, what it computes for one (for the cost model), its kernel rates."""
 
     run: Callable  # (q, k, v, attn_mask, layout, heads, scale, is_causal, block_size) -> out
-    work: Callable  # (q, k, attn_mask, layout, heads, is_causal, block_size) -> (sparse Work, dense Work)
+    work: Callable  # (q, k, attn_mask, layout, heads, is_causal, block_size, rates) -> (sparse Work, dense Work)
     rates: Callable  # (device, dtype, head_dim) -> KernelRates
 
 
@@ -44,8 +44,9 @@ def _segments(q, k, v, attn_mask, layout: Layout, heads, scale, is_causal, block
                              is_causal)
 
 
-def _segments_work(q, k, attn_mask, layout: Layout, heads, is_causal, block_size):
-    return segment_work(q, k, attn_mask, layout.image.to(q.device), layout.sink.to(q.device), heads, is_causal)
+def _segments_work(q, k, attn_mask, layout: Layout, heads, is_causal, block_size, rates=None):
+    return segment_work(q, k, attn_mask, layout.image.to(q.device), layout.sink.to(q.device), heads, is_causal,
+                        rates)
 
 
 def _segments_rates(device, dtype, head_dim) -> KernelRates:
@@ -144,8 +145,9 @@ def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=Non
     heads = [int(Category(h)) for h in heads]
     if why is None and only_if_faster:
         impl = LOWERINGS[name]
-        sparse, dense = impl.work(q, k, attn_mask, layout, heads, is_causal, block_size)
-        if not sparse_pays(sparse, dense, impl.rates(q.device, q.dtype, q.shape[-1])):
+        rates = impl.rates(q.device, q.dtype, q.shape[-1])
+        sparse, dense = impl.work(q, k, attn_mask, layout, heads, is_causal, block_size, rates)
+        if not sparse_pays(sparse, dense, rates):
             why = "not_faster"
     if why is not None:
         record_fallback(why, 1, warn_always)

@@ -42,8 +42,8 @@ def _base(attn_mask, is_causal: bool) -> BaseMask:
     return BaseMask() if plain else BaseMask(causal=False)
 
 
-def flex_work(q, k, attn_mask, layout: Layout, heads: list[int], is_causal: bool,
-              block_size: int = 128) -> tuple[Work, Work]:
+def flex_work(q, k, attn_mask, layout: Layout, heads: list[int], is_causal: bool, block_size: int = 128,
+              rates: KernelRates | None = None) -> tuple[Work, Work]:
     """(sparse, dense) work of this call: the pairs of the tiles FlexAttention computes, and SDPA's pairs."""
     B, H, S, _ = q.shape
     base = _base(attn_mask, is_causal)

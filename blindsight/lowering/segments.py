@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from ..profile import Category
-from .cost import KernelRates, Work, best_seconds
+from .cost import KernelRates, Work, best_seconds, predicted_seconds
 
 __all__ = ["segment_attention", "segment_work", "measure_segment_rates", "layout_plan", "is_plain_causal"]
 
@@ -189,6 +189,13 @@ class _Plan:
     text: dict  # number of heads per call -> _TextPlan (the best chunks depend on it)
     keys: dict  # category -> sorted key positions outside images that it keeps (text, or text + sinks)
     runs: list  # _SegmentRun
+    dtype: torch.dtype  # of the float masks
+
+    def text_plan(self, heads: int) -> _TextPlan:
+        """The text rows' chunks for calls of ``heads`` heads (built once per head count)."""
+        if heads not in self.text:
+            self.text[heads] = _text_plan(self.text_rows, self.dtype, heads)
+        return self.text[heads]
 
 
 def _text_plan(text: torch.Tensor, dtype, heads: int) -> _TextPlan:
@@ -244,7 +251,7 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
             for chunks in run.chunks.values():
                 for chunk in chunks:
                     chunk[4] = _chunk_mask(*chunk[4], run.L, dtype)
-    return _Plan(text, {}, keys, runs)
+    return _Plan(text, {}, keys, runs, dtype)
 
 
 def _chunk_mask(kept: torch.Tensor, own: int, L: int, dtype) -> torch.Tensor:
@@ -278,8 +285,8 @@ def layout_plan(img: torch.Tensor, snk: torch.Tensor, heads: list[int], rep: int
     if plan is not None and plan.text_rows.numel():
         sparse = [int(c != Category.DENSE) for c in heads]
         for h0, h1, _ in _head_groups(sparse, rep, True):
-            if sparse[h0] and h1 - h0 not in plan.text:
-                plan.text[h1 - h0] = _text_plan(plan.text_rows, dtype, h1 - h0)
+            if sparse[h0]:
+                plan.text_plan(h1 - h0)
     return plan
 
 
@@ -432,9 +439,7 @@ def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: fl
         sparse = [int(c != Category.DENSE) for c in heads]
         for h0, h1, g in _head_groups(sparse, rep, True):
             if sparse[h0]:
-                if h1 - h0 not in plan.text:
-                    plan.text[h1 - h0] = _text_plan(plan.text_rows, q.dtype, h1 - h0)
-                _text_rows(q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1], plan.text[h1 - h0], scale)
+                _text_rows(q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1], plan.text_plan(h1 - h0), scale)
     return True
 
 
@@ -479,8 +484,7 @@ def _causal_work(plan: _Plan, heads: list[int], rep: int, S: int) -> Work:
     sparse = [int(c != Category.DENSE) for c in heads]
     for h0, h1, _ in _head_groups(sparse, rep, True):
         if sparse[h0] and plan.text_rows.numel():
-            text = plan.text.get(h1 - h0) or _text_plan(plan.text_rows, torch.float32, h1 - h0)
-            for r0, r1, nk, _ in text.chunks:
+            for r0, r1, nk, _ in plan.text_plan(h1 - h0).chunks:
                 work += _small_call(1, h1 - h0, r1 - r0, nk)
     return work
 
@@ -503,21 +507,33 @@ def _general_work(img: torch.Tensor, snk: torch.Tensor, heads: list[int], causal
 
 
 def segment_work(q, k, attn_mask, image: torch.Tensor, sink: torch.Tensor, heads: list[int],
-                 is_causal: bool) -> tuple[Work, Work]:
-    """(sparse, dense) :class:`~blindsight.lowering.cost.Work` of this call: what segment_attention and SDPA compute."""
+                 is_causal: bool, rates: KernelRates | None = None) -> tuple[Work, Work]:
+    """(sparse, dense) :class:`~blindsight.lowering.cost.Work` of this call: what segment_attention and SDPA compute.
+
+    With ``rates``, a call whose calls alone (one per head group and kind of row, before any pair) would cost
+    more than dense returns that lower bound, without building the layout's plan: the short-prompt case.
+    """
     B, H, S, _ = q.shape
     rep = H // k.shape[1]
     cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
     sparse, dense = Work(), Work()
+    causal = [attn_mask is None and is_causal or attn_mask is not None and is_plain_causal(attn_mask, b)
+              for b in range(B)]
+    if rates is not None and all(causal):
+        groups = _head_groups(heads, rep, True)
+        n_dense = sum(h1 - h0 for h0, h1, _ in groups if heads[h0] == Category.DENSE)
+        bound = Work(dense_pairs=B * n_dense * _causal_pairs(S), calls=B * 2 * len(groups))
+        full = Work(dense_pairs=B * H * _causal_pairs(S), calls=B)
+        if predicted_seconds(bound, rates) >= predicted_seconds(full, rates):
+            return bound, full
     for b in range(B):
-        causal = attn_mask is None and is_causal or attn_mask is not None and is_plain_causal(attn_mask, b)
-        dense += _dense_heads_work(H, S) if causal else _small_call(1, H, S, S)
+        dense += _dense_heads_work(H, S) if causal[b] else _small_call(1, H, S, S)
         img, snk = image[b], sink[b]
-        plan = _cached_plan(img, snk, cats, q.dtype) if causal and cats and bool((img >= 0).any()) else None
+        plan = _cached_plan(img, snk, cats, q.dtype) if causal[b] and cats and bool((img >= 0).any()) else None
         if plan is not None:
             sparse += _causal_work(plan, heads, rep, S)
         else:
-            sparse += _general_work(img, snk, heads, causal)
+            sparse += _general_work(img, snk, heads, causal[b])
     return sparse, dense
 
 
