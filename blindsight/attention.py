@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from .fx.options import BackendOptions
-from .fx.runtime import check_template
-from .fx.sites import language_model_layer
+from .hf import language_model_layer, text_config_key
 from .layout import Template, prompt_layout
 from .lowering import dense_attention, sparse_attention
-from .profile import Profile
+from .profile import Profile, check_template
 from .stats import record_fallback
 
 __all__ = ["attach", "detach", "ATTENTION_NAME"]
@@ -74,12 +73,6 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def _text_config_key(config) -> str | None:
-    """The sub-config that holds the language model (``text_config``), or None for a text-only model."""
-    subs = getattr(config, "sub_configs", {}) or {}
-    return "text_config" if "text_config" in subs else None
-
-
 def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | None = None, **overrides):
     """Run the language model's attention of ``model`` (a transformers model) sparse, eagerly; returns ``model``.
 
@@ -103,7 +96,7 @@ def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | N
     if not modules:
         raise ValueError("attach: found no language-model attention modules (...layers.<i>.self_attn) in this model")
     _register()
-    key = _text_config_key(config)
+    key = text_config_key(config)
     sub = getattr(config, key) if key else config
     previous = sub._attn_implementation
     for name, m in modules:

@@ -69,7 +69,7 @@ def _median_time(fn, repeat: int, warmup: int = 2) -> float:
 
 
 def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True) -> dict:
-    from .cli import parse_mix
+    from .categories import parse_mix
     from .lowering import resolve_lowering, sparse_attention
 
     lowering = resolve_lowering(cfg.lowering, "cpu")

@@ -15,7 +15,8 @@ import sys
 
 from .data import DataError
 from .layout import Layout, LayoutError, Template, parse_layout_spec
-from .profile import Category, ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
+from .categories import Category, parse_mix
+from .profile import ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
 
 EXIT_USER_ERROR = 2  # as argparse's own usage errors
 EPILOG = (f"Exit status {EXIT_USER_ERROR} means a user error (a bad argument, an unreadable or malformed file, a "
@@ -126,19 +127,6 @@ class _Parser(argparse.ArgumentParser):
 
 
 # ---- commands ------------------------------------------------------------------------------------------------------
-
-def parse_mix(mix: str, num_heads: int) -> list[Category]:
-    """``"dense:3,intra:9"`` -> per-head categories (counts must add up to ``num_heads``)."""
-    heads: list[Category] = []
-    for item in mix.split(","):
-        name, _, n = item.partition(":")
-        if n and not (n.strip().isdigit() and int(n) > 0):
-            raise ValueError(f"mix {mix!r}: {item!r} must be name:count with a positive count")
-        heads += [Category.parse(name)] * int(n or 1)
-    if len(heads) != num_heads:
-        raise ValueError(f"mix {mix!r} gives {len(heads)} heads, the model has {num_heads}")
-    return heads
-
 
 def _mix(mix: str, num_heads: int) -> list[Category]:
     try:

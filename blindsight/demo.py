@@ -17,12 +17,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .fx import blindsight_backend
-from .layout import use_layout
-from .bench import _median_time
+from . import hf
 from .calibrate import calibrate
 from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples
-from .layout import Layout, Template
+from .fx import blindsight_backend
+from .layout import Layout, Template, use_layout
+from .progress import median_time
 from .stats import stats
 
 ZOO_MODEL = os.path.join(os.path.dirname(__file__), "zoo", "shapes-qwen2vl")
@@ -67,7 +67,7 @@ def _language_model_inputs(model, ex: Example) -> dict:
     def hook(module, args, kwargs):
         captured.update(kwargs, past_key_values=None, use_cache=False)  # each timed call a fresh prefill
 
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = hf.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             model(**ex.inputs, logits_to_keep=1)
@@ -86,7 +86,7 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
     def layout():
         return use_layout(Layout.from_input_ids(ex.inputs["input_ids"], template)) if template else contextlib.nullcontext()
 
-    lm = model.model.language_model
+    lm = hf.language_model(model)
     with layout():  # the capturing forward runs the compiled language model too
         kwargs = _language_model_inputs(model, ex)
 
@@ -95,7 +95,7 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
             return lm(**kwargs)
 
     before = stats().get("sparse_calls", 0)
-    t = _median_time(once, repeat)
+    t = median_time(once, repeat)
     if template is not None and stats().get("sparse_calls", 0) == before:
         raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend options")
     return t

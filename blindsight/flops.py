@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 
 from .layout import Layout
 from .masks import BaseMask, pair_counts
-from .profile import Category, Profile
+from . import hf
+from .categories import Category
+from .profile import Profile
 
 __all__ = ["AttentionFlops", "attention_flops", "PrefillFlops", "prefill_flops"]
 
@@ -75,8 +77,7 @@ class PrefillFlops:
 
 def prefill_flops(layout: Layout, profile: Profile, config, base: BaseMask | None = None) -> PrefillFlops:
     """Whole language-model prefill FLOPs; ``config`` is a transformers config (VLM or text) or a model."""
-    config = getattr(config, "config", config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = hf.text_config(hf.model_config(config))
     m = profile.model
     hidden = text.hidden_size
     per_layer = hidden * m.num_heads * m.head_dim * 2 + 2 * hidden * m.num_kv_heads * m.head_dim

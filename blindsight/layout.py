@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hf
 from .stats import count
 
 __all__ = ["Template", "Layout", "LayoutError", "parse_layout_spec", "input_ids_from_spec", "use_layout",
@@ -67,24 +68,7 @@ class Template:
     @classmethod
     def from_config(cls, config, sinks_per_image: int = 1) -> "Template":
         """The template of a transformers VLM config (or a model: its ``.config`` is used)."""
-        config = getattr(config, "config", config)
-        model_type = getattr(config, "model_type", None)
-        if model_type in ("qwen2_vl", "qwen2_5_vl"):
-            return cls(
-                (config.vision_start_token_id,),
-                (config.vision_end_token_id,),
-                (config.image_token_id, config.video_token_id),
-                sinks_per_image,
-            )
-        if model_type == "gemma3":
-            return cls(
-                (config.boi_token_index,), (config.eoi_token_index,), (config.image_token_index,), sinks_per_image
-            )
-        raise ValueError(
-            f"Template.from_config: no built-in template for model_type={model_type!r} "
-            "(known: qwen2_vl, qwen2_5_vl, gemma3). Build one by hand: "
-            "Template(image_open_ids=(...), image_close_ids=(...), image_token_ids=(...))."
-        )
+        return cls(*hf.template_ids(config), sinks_per_image)
 
     def to_dict(self) -> dict:
         return {

@@ -6,7 +6,7 @@ from typing import Sequence
 
 from .layout import Layout
 from .masks import BaseMask, reference_mask
-from .profile import Category
+from .categories import Category
 
 
 def _pyplot():

@@ -5,7 +5,8 @@ import torch
 
 import blindsight
 from blindsight import BaseMask, Category, Layout, Profile, Template, reference_mask
-from blindsight.calibrate import SPARSE_CATEGORIES, decide_categories, removed_mass
+from blindsight.calibrate import removed_mass
+from blindsight.categories import SPARSE_CATEGORIES, decide_categories
 from tiny_models import build, layout_of, prompt
 
 QWEN_SAMPLES = [([(4, 4), (2, 4)], [3, 2, 4]), ([(4, 6), (2, 4), (4, 4)], [1, 3, 2, 5]), ([(6, 8)], [2, 2])]

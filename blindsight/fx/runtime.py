@@ -24,7 +24,7 @@ import torch
 
 from ..layout import Template, prompt_layout
 from ..lowering import calls_use
-from ..profile import ModelInfo, Profile, ProfileMismatchError
+from ..profile import ModelInfo, Profile, check_template
 from ..stats import count, record_fallback
 from .options import BackendOptions
 from .rewrite import rewrite_sites
@@ -98,27 +98,6 @@ def _compiled_module():
         return InstructionTranslator.current_tx().f_locals.get("self")
     except Exception:  # outside Dynamo, or an internal API that changed: the graph-level checks still run
         return None
-
-
-def check_template(template: Template, config, explicit: bool) -> None:
-    """Raise :class:`ProfileMismatchError` when the template's ids contradict the model's config."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None)
-    ids = template.image_open_ids + template.image_close_ids + template.image_token_ids
-    where = "BackendOptions.template" if explicit else "the profile's template"
-    if isinstance(vocab, int) and any(i >= vocab or i < 0 for i in ids):
-        raise ProfileMismatchError(f"{where} uses token ids {sorted(ids)}, outside this model's vocabulary of "
-                                   f"{vocab}: it was made for another model")
-    try:
-        own = Template.from_config(config)
-    except (ValueError, AttributeError):
-        return  # the config does not name its image ids (text-only or unknown family)
-    for name in ("image_open_ids", "image_close_ids", "image_token_ids"):
-        if set(getattr(own, name)) != set(getattr(template, name)):
-            raise ProfileMismatchError(
-                f"{where} has {name}={list(getattr(template, name))}, but this {config.model_type!r} model's "
-                f"config names {list(getattr(own, name))}: calibrate this model (blindsight calibrate), or pass "
-                "the right BackendOptions(template=...)")
 
 
 class BlindSightBackend:

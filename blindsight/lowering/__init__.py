@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..layout import Layout
-from ..profile import Category
+from ..categories import Category
 from ..stats import count, record_fallback
 from .flex import flex_sparse_attention
 from .segments import layout_plan, segment_attention

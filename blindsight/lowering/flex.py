@@ -17,7 +17,7 @@ from torch.nn.attention.flex_attention import flex_attention
 
 from ..layout import Layout
 from ..masks import BaseMask, build_block_mask
-from ..profile import Category
+from ..categories import Category
 from .segments import is_plain_causal
 
 __all__ = ["flex_sparse_attention"]

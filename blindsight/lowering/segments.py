@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..profile import Category
+from ..categories import Category
 
 __all__ = ["segment_attention", "layout_plan", "is_plain_causal"]
 

@@ -19,7 +19,7 @@ import torch
 from torch.nn.attention.flex_attention import BlockMask
 
 from ..layout import Layout
-from ..profile import Category
+from ..categories import Category
 from ..stats import count
 from .mask_mods import BaseMask, generate_blindsight_mask_mod
 

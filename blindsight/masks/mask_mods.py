@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
-from ..profile import Category
+from ..categories import Category
 
 __all__ = [
     "BaseMask",

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..layout import Layout
-from ..profile import Category
+from ..categories import Category
 from .mask_mods import BaseMask
 
 __all__ = ["reference_base_mask", "reference_mask"]
