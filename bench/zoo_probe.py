@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from blindsight.demo import load_zoo_model  # noqa: E402
+from blindsight.tools.demo import load_zoo_model  # noqa: E402
 from blindsight.layout import Layout, Template  # noqa: E402
 from blindsight.zoo.shapes import COLORS, SHAPES, make_record  # noqa: E402
 from blindsight.zoo.train import label_targets  # noqa: E402
@@ -128,7 +128,7 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
 @torch.no_grad()
 def ablation(model, processor, images: int = 4, prompts: int = 200, layer: int = 2) -> dict:
     """{"none"|"head 0"|...: {"all": accuracy, task: accuracy}} with heads of ``layer`` zeroed in turn."""
-    from blindsight.evaluate import accuracy, by_task, make_examples
+    from blindsight.tools.evaluate import accuracy, by_task, make_examples
     from blindsight.zoo.shapes import make_records
 
     examples = make_examples(processor, make_records("benchmark", prompts, min_images=images, max_images=images),

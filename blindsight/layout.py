@@ -25,7 +25,7 @@ from . import hf
 from .stats import count
 
 __all__ = ["Template", "Layout", "LayoutError", "parse_layout_spec", "input_ids_from_spec", "use_layout",
-           "active_layout", "layout_from_ids", "enclosing_input_ids", "prompt_layout"]
+           "image_segments", "active_layout", "layout_from_ids", "enclosing_input_ids", "prompt_layout"]
 
 
 class LayoutError(ValueError):
@@ -139,12 +139,7 @@ class Layout:
 
     def segments(self, row: int = 0) -> list[tuple[int, int]]:
         """``(start, end)`` (end exclusive) of each image segment of ``row``."""
-        img = self.image[row].cpu()
-        out = []
-        for i in range(int(img.max().item()) + 1 if img.numel() else 0):
-            pos = (img == i).nonzero().flatten()
-            out.append((int(pos[0]), int(pos[-1]) + 1))
-        return out
+        return [(start, end) for _, start, end in image_segments(self.image[row])]
 
     def __repr__(self) -> str:
         return f"Layout(B={self.batch_size}, S={self.seq_len}, images={self.num_images.tolist()}, key={self.key[:8]})"
@@ -192,6 +187,20 @@ class Layout:
     def from_spec(cls, spec: str, template: Template) -> "Layout":
         """The layout of :func:`input_ids_from_spec` (batch 1)."""
         return cls.from_input_ids(input_ids_from_spec(spec, template), template)
+
+
+def image_segments(image_row: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(image id, start, end)`` (end exclusive) of each image segment of one row of :attr:`Layout.image`
+    (segments are contiguous by definition)."""
+    pos = (image_row >= 0).nonzero().flatten()
+    if pos.numel() == 0:
+        return []
+    ids = image_row[pos]
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    ends = torch.ones_like(starts)
+    ends[:-1] = starts[1:]
+    return list(zip(ids[starts].tolist(), pos[starts].tolist(), (pos[ends] + 1).tolist()))
 
 
 def _check_layout(image: torch.Tensor, sink: torch.Tensor) -> None:

@@ -209,13 +209,13 @@ def test_guide_loss_reads_one_fixed_head_against_a_uniform_target():
 
 @pytest.fixture(scope="module")
 def zoo():
-    from blindsight.demo import load_zoo_model
+    from blindsight.tools.demo import load_zoo_model
 
     return load_zoo_model()
 
 
 def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
-    from blindsight.evaluate import accuracy, by_task, make_examples
+    from blindsight.tools.evaluate import accuracy, by_task, make_examples
 
     model, processor = zoo
     # the README's 2-image sample (200 prompts): 100 left the overall margin within sampling noise
@@ -234,8 +234,8 @@ def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
 def test_demo_prefill_timing_refuses_a_run_without_sparse_attention(zoo):
     """The timed "BlindSight" prefill must have run sparse: here the language model is compiled without
     BlindSight's backend, so the timing would be a dense one."""
-    from blindsight.demo import _prefill_time
-    from blindsight.evaluate import compiled_language_model, make_examples
+    from blindsight.tools.demo import _prefill_time
+    from blindsight.tools.evaluate import compiled_language_model, make_examples
     from blindsight.layout import Template
 
     model, processor = zoo
@@ -247,7 +247,7 @@ def test_demo_prefill_timing_refuses_a_run_without_sparse_attention(zoo):
 
 
 def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
-    from blindsight.cli import main
+    from blindsight.tools.cli import main
 
     png = tmp_path / "profile.png"
     assert main(["demo", "--json", "--samples", "6", "--calibration-samples", "4", "--repeat", "1", "--png", str(png)]) == 0
@@ -261,8 +261,8 @@ def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
 
 def test_eval_sweep_from_a_jsonl_file(zoo, tmp_path, capsys):
     from blindsight.calibrate import calibrate
-    from blindsight.cli import main
-    from blindsight.demo import ZOO_MODEL
+    from blindsight.tools.cli import main
+    from blindsight.tools.demo import ZOO_MODEL
 
     model, processor = zoo
     cal = [dict(processor(text=[r["text"]], images=r["images"])) for r in make_records("calibration", 4)]

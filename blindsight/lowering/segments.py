@@ -24,21 +24,9 @@ import torch
 import torch.nn.functional as F
 
 from ..categories import Category
+from ..layout import image_segments
 
 __all__ = ["segment_attention", "layout_plan", "is_plain_causal"]
-
-
-def _segments(img: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(image id, start, end) of each image segment of one row (segments are contiguous by definition)."""
-    pos = (img >= 0).nonzero().flatten()
-    if pos.numel() == 0:
-        return []
-    ids = img[pos]
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    ends = torch.ones_like(starts)
-    ends[:-1] = starts[1:]
-    return list(zip(ids[starts].tolist(), pos[starts].tolist(), (pos[ends] + 1).tolist()))
 
 
 def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows, keys, is_causal: bool):
@@ -202,7 +190,7 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
     with_sinks = torch.sort(torch.cat([text, snk.nonzero().flatten()])).values
     keys = {c: text if c == Category.INTRA else with_sinks for c in cats}
     runs: list = []
-    for _, s0, s1 in _segments(img):
+    for _, s0, s1 in image_segments(img):
         ns = int(snk[s0:s1].sum())
         if not bool(snk[s0:s0 + ns].all()):
             return None
@@ -405,7 +393,7 @@ def segment_attention(
         if mask_b is None and causal_b and q.device.type == "cpu" and _causal_row(q, k, v, out, b, img, snk,
                                                                                    heads, rep, scale):
             continue
-        segments = _segments(img)
+        segments = image_segments(img)
         text_rows = (img < 0).nonzero().flatten()
         sinks = snk.nonzero().flatten()
         dense_heads = torch.arange(H, device=q.device) if not segments else (heads_t == Category.DENSE).nonzero().flatten()

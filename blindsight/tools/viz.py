@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from .layout import Layout
-from .masks import BaseMask, reference_mask
-from .categories import Category
+from ..layout import Layout
+from ..masks import BaseMask, reference_mask
+from ..categories import Category
 
 
 def _pyplot():

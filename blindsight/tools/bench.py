@@ -21,11 +21,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .flops import attention_flops, prefill_flops
-from .layout import Layout, Template, input_ids_from_spec
-from .lowering import layout_plan
-from .masks import BaseMask, category_tiles, clear_block_mask_cache
-from .profile import ModelInfo, Profile
+from ..flops import attention_flops, prefill_flops
+from ..layout import Layout, Template, input_ids_from_spec
+from ..lowering import layout_plan
+from ..masks import BaseMask, category_tiles, clear_block_mask_cache
+from ..profile import ModelInfo, Profile
 
 BENCH_TEMPLATE = Template((252,), (253,), (250,), 1)
 
@@ -69,8 +69,8 @@ def _median_time(fn, repeat: int, warmup: int = 2) -> float:
 
 
 def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True) -> dict:
-    from .categories import parse_mix
-    from .lowering import resolve_lowering, sparse_attention
+    from ..categories import parse_mix
+    from ..lowering import resolve_lowering, sparse_attention
 
     lowering = resolve_lowering(cfg.lowering, "cpu")
     dtype = getattr(torch, cfg.dtype)
@@ -133,7 +133,7 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
 
 
 def _reference(q, k, v, layout, heads):
-    from .masks import reference_mask
+    from ..masks import reference_mask
 
     mask = reference_mask(layout, heads)
     return torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask,
@@ -143,8 +143,8 @@ def _reference(q, k, v, layout, heads):
 def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering: str) -> dict:
     from transformers import Qwen2Config, Qwen2Model
 
-    from .fx import blindsight_backend
-    from .layout import use_layout
+    from ..fx import blindsight_backend
+    from ..layout import use_layout
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
@@ -185,7 +185,7 @@ def arrangements(length: int, n: int) -> list[str]:
 
 def _recompiles(model, n: int, length: int) -> dict:
     """Compilations caused by ``n`` prompts of one length with images elsewhere, after a warm-up prompt."""
-    from .stats import stats
+    from ..stats import stats
 
     ids = [input_ids_from_spec(spec, BENCH_TEMPLATE) for spec in arrangements(length, n + 1)]
 

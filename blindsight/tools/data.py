@@ -13,8 +13,8 @@ from typing import Iterator
 
 import torch
 
-from .hf import image_text
-from .layout import Template
+from ..hf import image_text
+from ..layout import Template
 
 __all__ = ["synthetic_samples", "jsonl_records", "jsonl_samples", "open_images", "load_processor", "image_marker",
            "DataError", "IMAGE_MARKER"]
@@ -159,7 +159,7 @@ def open_images(paths: list[str], where: str) -> list:
 
 def load_processor(path: str | os.PathLike):
     """The processor saved with a model: BlindSight's word-level one for the shipped model, else AutoProcessor."""
-    from .zoo.processor import PROCESSOR_FILE, ShapesProcessor
+    from ..zoo.processor import PROCESSOR_FILE, ShapesProcessor
 
     if os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
         return ShapesProcessor.from_pretrained(path)

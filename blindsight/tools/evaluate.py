@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hf
-from .flops import prefill_flops
-from .fx import blindsight_backend
-from .layout import Layout, Template, use_layout
-from .profile import Profile
-from .progress import progress_bar
-from .stats import stats
+from .. import hf
+from ..flops import prefill_flops
+from ..fx import blindsight_backend
+from ..layout import Layout, Template, use_layout
+from ..profile import Profile
+from ..progress import progress_bar
+from ..stats import stats
 
 __all__ = ["Example", "make_examples", "jsonl_examples", "accuracy", "compiled_language_model",
            "EvalResult", "evaluate"]

@@ -17,15 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from . import hf
-from .calibrate import calibrate
+from .. import hf
+from ..calibrate import calibrate
 from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples
-from .fx import blindsight_backend
-from .layout import Layout, Template, use_layout
-from .progress import median_time
-from .stats import stats
+from ..fx import blindsight_backend
+from ..layout import Layout, Template, use_layout
+from ..progress import median_time
+from ..stats import stats
+from ..zoo import MODEL_DIR, ShapesProcessor
+from ..zoo.shapes import make_records
 
-ZOO_MODEL = os.path.join(os.path.dirname(__file__), "zoo", "shapes-qwen2vl")
+ZOO_MODEL = MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -51,8 +53,6 @@ class DemoConfig:
 def load_zoo_model(path: str = ZOO_MODEL):
     """The shipped model (float32, SDPA attention, eval mode) and its processor."""
     from transformers import Qwen2VLForConditionalGeneration
-
-    from .zoo import ShapesProcessor
 
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path}: no trained model there; train one with `python -m blindsight.zoo.train --out {path}`")
@@ -101,9 +101,8 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
     return t
 
 
-def run(cfg: DemoConfig = DemoConfig()) -> dict:
-    from .zoo.shapes import make_records
-
+def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
+    """The whole demo (see the module docstring); the numbers ``format_report`` prints."""
     t0 = time.time()
     model, processor = load_zoo_model(cfg.model)
     cal = [dict(processor(text=[r["text"]], images=r["images"])) for r in make_records("calibration", cfg.calibration_samples)]
