@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .layout import Layout
-from .masks import BaseMask, pair_counts
+from .masks import BaseMask
+from .masks.block import pair_counts
 from . import hf
 from .categories import Category
 from .profile import Profile

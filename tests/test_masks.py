@@ -13,9 +13,9 @@ from blindsight.masks import (
     clear_block_mask_cache,
     generate_blindsight_mask_mod,
     generate_category_mask_mod,
-    reference_base_mask,
     reference_mask,
 )
+from blindsight.masks.reference import reference_base_mask
 from strategies import base_masks, categories_st, layouts
 
 BLOCKS = st.sampled_from([16, 32, (16, 32), (32, 16), 128])

@@ -24,7 +24,8 @@ import torch
 from ..flops import attention_flops, prefill_flops
 from ..layout import Layout, Template, input_ids_from_spec
 from ..lowering import layout_plan
-from ..masks import BaseMask, category_tiles, clear_block_mask_cache
+from ..masks import BaseMask, clear_block_mask_cache
+from ..masks.block import category_tiles
 from ..profile import ModelInfo, Profile
 
 BENCH_TEMPLATE = Template((252,), (253,), (250,), 1)
