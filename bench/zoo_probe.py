@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from blindsight.tools.demo import load_zoo_model  # noqa: E402
 from blindsight.layout import Layout, Template  # noqa: E402
+from blindsight.tools.demo import load_zoo_model  # noqa: E402
 from blindsight.zoo.shapes import COLORS, SHAPES, make_record  # noqa: E402
 from blindsight.zoo.train import label_targets  # noqa: E402
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import hf
+from .categories import Category
 from .layout import Layout
 from .masks import BaseMask
 from .masks.block import pair_counts
-from . import hf
-from .categories import Category
 from .profile import Profile
 
 __all__ = ["AttentionFlops", "attention_flops", "PrefillFlops", "prefill_flops"]
@@ -44,7 +44,8 @@ def attention_flops(layout: Layout, profile: Profile, base: BaseMask | None = No
     per_pair = 4 * profile.model.head_dim
     heads = profile.counts()
     by_category = {
-        c: {"heads": heads[c], "dense": heads[c] * pairs[Category.DENSE] * per_pair, "blindsight": heads[c] * pairs[c] * per_pair}
+        c: {"heads": heads[c], "dense": heads[c] * pairs[Category.DENSE] * per_pair,
+            "blindsight": heads[c] * pairs[c] * per_pair}
         for c in Category
     }
     return AttentionFlops(

@@ -66,7 +66,7 @@ class Template:
         return bool(self.image_open_ids)
 
     @classmethod
-    def from_config(cls, config, sinks_per_image: int = 1) -> "Template":
+    def from_config(cls, config, sinks_per_image: int = 1) -> Template:
         """The template of a transformers VLM config (or a model: its ``.config`` is used)."""
         return cls(*hf.template_ids(config), sinks_per_image)
 
@@ -79,7 +79,7 @@ class Template:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Template":
+    def from_dict(cls, d: dict) -> Template:
         return cls(
             tuple(d["image_open_ids"]),
             tuple(d["image_close_ids"]),
@@ -132,7 +132,7 @@ class Layout:
     def has_images(self) -> bool:
         return self._has_images
 
-    def to(self, device) -> "Layout":
+    def to(self, device) -> Layout:
         if self.image.device == torch.device(device):
             return self
         return Layout(self.image.to(device), self.sink.to(device), self.key)
@@ -145,7 +145,7 @@ class Layout:
         return f"Layout(B={self.batch_size}, S={self.seq_len}, images={self.num_images.tolist()}, key={self.key[:8]})"
 
     @classmethod
-    def from_input_ids(cls, input_ids: torch.Tensor, template: Template, attention_mask=None) -> "Layout":
+    def from_input_ids(cls, input_ids: torch.Tensor, template: Template, attention_mask=None) -> Layout:
         """Find the image segments of ``input_ids`` ``[B, S]`` (or ``[S]``).
 
         Positions where the 2-D ``attention_mask`` is 0 are padding: text, whatever their ids.
@@ -161,7 +161,8 @@ class Layout:
             am = torch.as_tensor(attention_mask).cpu()
             if am.shape != ids.shape:
                 raise ValueError(
-                    f"Layout.from_input_ids: attention_mask shape {tuple(am.shape)} != input_ids shape {tuple(ids.shape)}"
+                    f"Layout.from_input_ids: attention_mask shape {tuple(am.shape)} != input_ids shape "
+                    f"{tuple(ids.shape)}"
                 )
             real = am.bool()
         is_img = torch.isin(ids, torch.tensor(template.image_token_ids)) & real
@@ -184,7 +185,7 @@ class Layout:
         return cls(image, sink)
 
     @classmethod
-    def from_spec(cls, spec: str, template: Template) -> "Layout":
+    def from_spec(cls, spec: str, template: Template) -> Layout:
         """The layout of :func:`input_ids_from_spec` (batch 1)."""
         return cls.from_input_ids(input_ids_from_spec(spec, template), template)
 
@@ -325,7 +326,8 @@ def input_ids_from_spec(spec: str, template: Template, text_token_id: int = 0) -
         elif template.has_delimiters:
             if n < 3:
                 raise ValueError(f"layout spec {spec!r}: image:{n} needs >= 3 tokens (open, placeholder, close)")
-            out += [template.image_open_ids[0]] + [template.image_token_ids[0]] * (n - 2) + [template.image_close_ids[0]]
+            out += ([template.image_open_ids[0]] + [template.image_token_ids[0]] * (n - 2)
+                    + [template.image_close_ids[0]])
         else:
             out += [template.image_token_ids[0]] * n
     return torch.tensor([out], dtype=torch.long)
@@ -411,7 +413,8 @@ def enclosing_input_ids(max_frames: int = 200):
     return None, None
 
 
-def prompt_layout(template: Template | None, ids=None, mask=None, warn: bool = False) -> tuple[Layout | None, str | None]:
+def prompt_layout(template: Template | None, ids=None, mask=None,
+                  warn: bool = False) -> tuple[Layout | None, str | None]:
     """``(layout, None)`` for the attention calls about to run, or ``(None, reason)``: the one layout source of
     the compiled and the eager path. Order: :func:`use_layout`; the given ``ids``/``mask`` (a graph's own
     ``input_ids`` input); :func:`enclosing_input_ids`. A malformed prompt gives reason ``malformed_prompt``

@@ -112,7 +112,7 @@ class ModelInfo:
         _check_model_fields({f.name: getattr(self, f.name) for f in fields(self)}, "ModelInfo")
 
     @classmethod
-    def from_config(cls, config) -> "ModelInfo":
+    def from_config(cls, config) -> ModelInfo:
         """From a transformers config (VLM or text-only) or a model (its ``.config``)."""
         if isinstance(config, ModelInfo):
             return config
@@ -123,7 +123,7 @@ class ModelInfo:
             template = None
         return cls(**shape, template=template)
 
-    def differences(self, other: "ModelInfo") -> list[str]:
+    def differences(self, other: ModelInfo) -> list[str]:
         return [
             f"{k}: profile has {getattr(self, k)!r}, model has {getattr(other, k)!r}"
             for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -158,13 +158,13 @@ class Profile:
                 )
 
     @classmethod
-    def from_categories(cls, categories: Sequence[Sequence[Category | str]], model_or_config) -> "Profile":
+    def from_categories(cls, categories: Sequence[Sequence[Category | str]], model_or_config) -> Profile:
         """A hand-made profile: ``categories[layer][query_head]``, names or :class:`Category`."""
         info = ModelInfo.from_config(model_or_config)
         return cls(info, tuple(tuple(layer) for layer in categories), {"source": "hand-made"})
 
     @classmethod
-    def uniform(cls, category: Category | str, model_or_config) -> "Profile":
+    def uniform(cls, category: Category | str, model_or_config) -> Profile:
         info = ModelInfo.from_config(model_or_config)
         return cls.from_categories([[category] * info.num_heads] * info.num_layers, info)
 
@@ -220,7 +220,7 @@ class Profile:
         q = self.calibration.get("quantile", 0.0) if quantile is None else quantile
         return aggregate_recall(self._recalls(), q)[..., SPARSE_CATEGORIES.index(c)]
 
-    def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> "Profile":
+    def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> Profile:
         """A new profile decided from the stored per-prompt statistics (no model run). Unset arguments keep
         this profile's settings."""
         cal = dict(self.calibration)
@@ -252,7 +252,7 @@ class Profile:
             f.write("\n")
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "profile") -> "Profile":
+    def from_dict(cls, d: Any, source: str = "profile") -> Profile:
         """A profile from its JSON object. Every field is checked (type, range, shape): a malformed one is a
         :class:`ProfileFormatError` that names it, never a coerced value or a later IndexError."""
         if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
@@ -274,7 +274,7 @@ class Profile:
             raise ProfileFormatError(f"{source}: malformed profile: {type(e).__name__}: {e}") from e
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Profile":
+    def load(cls, path: str | os.PathLike) -> Profile:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -337,10 +337,10 @@ def _file_categories(categories) -> tuple[tuple[str, ...], ...]:
     if not isinstance(categories, list) or not all(isinstance(layer, list) for layer in categories):
         raise ValueError(f"categories must be a list of layers, each a list of category names, got {show(categories)}")
     names = [c.json_name for c in Category]
-    for l, layer in enumerate(categories):
+    for i, layer in enumerate(categories):
         for h, name in enumerate(layer):
             if not isinstance(name, str) or name not in names:
-                raise ValueError(f"categories[{l}][{h}]: unknown category {show(name)}; expected one of {names}")
+                raise ValueError(f"categories[{i}][{h}]: unknown category {show(name)}; expected one of {names}")
     return tuple(tuple(layer) for layer in categories)
 
 
@@ -395,10 +395,10 @@ def _check_recall(recall, where: str, num_layers: int, num_heads: int) -> None:
     """``recall[layer][head][category]``, by loops rather than a tensor so the message names the entry."""
     names = [c.json_name for c in SPARSE_CATEGORIES]
     _check_list(recall, num_layers, where, "layers")
-    for l, layer in enumerate(recall):
-        _check_list(layer, num_heads, f"{where}[{l}]", "heads")
+    for i, layer in enumerate(recall):
+        _check_list(layer, num_heads, f"{where}[{i}]", "heads")
         for h, head in enumerate(layer):
-            _check_list(head, len(names), f"{where}[{l}][{h}]", f"recalls {names}")
+            _check_list(head, len(names), f"{where}[{i}][{h}]", f"recalls {names}")
             for c, v in enumerate(head):
                 if not is_number(v) or not -RECALL_SLACK <= v <= 1 + RECALL_SLACK:  # NaN fails too
-                    raise ValueError(f"{where}[{l}][{h}][{c}] must be a recall in [0, 1], got {v!r}")
+                    raise ValueError(f"{where}[{i}][{h}][{c}] must be a recall in [0, 1], got {v!r}")

@@ -13,12 +13,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_backend import mixed_profile
 
 import blindsight
 from blindsight import Layout, LayoutError, ModelInfo, Profile, ProfileMismatchError, Template, blindsight_backend
 from blindsight.layout import layout_from_ids
+
 from strategies import DELIMITED, PAD, rows
-from test_backend import mixed_profile
 from tiny_models import build, reference_attention
 
 TEMPLATE = Template((252,), (253,), (250, 251), 1)  # the tiny Qwen2-VL's ids (strategies.DELIMITED)

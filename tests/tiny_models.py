@@ -18,19 +18,22 @@ QWEN_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=25
 def build(name: str, attn_implementation: str = "sdpa"):
     torch.manual_seed(0)
     if name == "qwen2_vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as M
+        from transformers import Qwen2VLConfig
+        from transformers import Qwen2VLForConditionalGeneration as M
 
         cfg = Qwen2VLConfig(text_config=dict(QWEN_TEXT), vision_config=dict(
             depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2), **QWEN_IDS)
     elif name == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as M
+        from transformers import Qwen2_5_VLConfig
+        from transformers import Qwen2_5_VLForConditionalGeneration as M
 
         cfg = Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT), vision_config=dict(
             depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]), **QWEN_IDS)
     elif name == "gemma3":
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration as M
+        from transformers import Gemma3Config
+        from transformers import Gemma3ForConditionalGeneration as M
 
         cfg = Gemma3Config(
             text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

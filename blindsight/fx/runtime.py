@@ -44,7 +44,7 @@ def _placeholder_index(gm: torch.fx.GraphModule, word: str) -> int | None:
 class GraphRunner:
     """The callable Dynamo gets for one graph: sets the layout for its ops and counts the dense calls."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: "BlindSightBackend"):
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: BlindSightBackend):
         options = backend.options
         self.backend, self.options = backend, options
         self.scan = find_sites(gm, backend.profile)

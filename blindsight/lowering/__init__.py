@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..layout import Layout
 from ..categories import Category
+from ..layout import Layout
 from ..stats import count, record_fallback
 from .flex import flex_sparse_attention
 from .segments import layout_plan, segment_attention

@@ -15,9 +15,9 @@ import warnings
 import torch
 from torch.nn.attention.flex_attention import flex_attention
 
+from ..categories import Category
 from ..layout import Layout
 from ..masks import BaseMask, build_block_mask
-from ..categories import Category
 from .segments import is_plain_causal
 
 __all__ = ["flex_sparse_attention"]

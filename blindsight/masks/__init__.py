@@ -5,7 +5,12 @@ category part and per base-mask part; :mod:`.block`: per-category tiles and pair
 """
 
 from .block import build_block_mask, clear_block_mask_cache
-from .mask_mods import BaseMask, generate_blindsight_mask_mod, generate_category_mask_mod, generate_head_category_mask_mod
+from .mask_mods import (
+           BaseMask,
+           generate_blindsight_mask_mod,
+           generate_category_mask_mod,
+           generate_head_category_mask_mod,
+)
 from .reference import reference_mask
 
 __all__ = ["BaseMask", "build_block_mask", "clear_block_mask_cache", "reference_mask", "generate_category_mask_mod",

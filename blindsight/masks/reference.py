@@ -5,12 +5,12 @@ Deliberately independent of the mask_mods and of the block-mask builder: no shar
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..layout import Layout
 from ..categories import Category
+from ..layout import Layout
 from .mask_mods import BaseMask
 
 __all__ = ["reference_base_mask", "reference_mask"]

@@ -221,7 +221,8 @@ def cmd_flops(args) -> int:
     for c in Category:
         v = flops.attention.by_category[c]
         kept = v["blindsight"] / v["dense"] if v["dense"] else 1.0
-        print(f"{c.json_name:<12}{v['heads']:>6}{100 * (kept if v['heads'] else 0):>11.1f}%{100 * tiles[c.json_name]:>13.1f}%")
+        print(f"{c.json_name:<12}{v['heads']:>6}{100 * (kept if v['heads'] else 0):>11.1f}%"
+              f"{100 * tiles[c.json_name]:>13.1f}%")
     print(f"attention FLOPs: -{100 * flops.attention.reduction:.1f}% (ideal attention speedup "
           f"{flops.attention.ideal_speedup:.2f}x); whole LM prefill FLOPs: -{100 * flops.reduction:.1f}%")
     if args.png:

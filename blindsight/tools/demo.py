@@ -19,13 +19,13 @@ import torch
 
 from .. import hf
 from ..calibrate import calibrate
-from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples
 from ..fx import blindsight_backend
 from ..layout import Layout, Template, use_layout
 from ..progress import median_time
 from ..stats import stats
 from ..zoo import MODEL_DIR, ShapesProcessor
 from ..zoo.shapes import make_records
+from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples
 
 ZOO_MODEL = MODEL_DIR
 
@@ -55,7 +55,8 @@ def load_zoo_model(path: str = ZOO_MODEL):
     from transformers import Qwen2VLForConditionalGeneration
 
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no trained model there; train one with `python -m blindsight.zoo.train --out {path}`")
+        raise FileNotFoundError(f"{path}: no trained model there; train one with "
+                                f"`python -m blindsight.zoo.train --out {path}`")
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval(), ShapesProcessor.from_pretrained(path)
 
@@ -84,7 +85,9 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
     import contextlib
 
     def layout():
-        return use_layout(Layout.from_input_ids(ex.inputs["input_ids"], template)) if template else contextlib.nullcontext()
+        if template is None:
+            return contextlib.nullcontext()
+        return use_layout(Layout.from_input_ids(ex.inputs["input_ids"], template))
 
     lm = hf.language_model(model)
     with layout():  # the capturing forward runs the compiled language model too
@@ -97,7 +100,8 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
     before = stats().get("sparse_calls", 0)
     t = median_time(once, repeat)
     if template is not None and stats().get("sparse_calls", 0) == before:
-        raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend options")
+        raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend "
+                           "options")
     return t
 
 
@@ -105,7 +109,8 @@ def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
     """The whole demo (see the module docstring); the numbers ``format_report`` prints."""
     t0 = time.time()
     model, processor = load_zoo_model(cfg.model)
-    cal = [dict(processor(text=[r["text"]], images=r["images"])) for r in make_records("calibration", cfg.calibration_samples)]
+    cal = [dict(processor(text=[r["text"]], images=r["images"]))
+           for r in make_records("calibration", cfg.calibration_samples)]
     profile = calibrate(model, cal, thresholds=cfg.threshold, progress=cfg.progress,
                         source=f"blindsight.zoo.shapes calibration split, {cfg.calibration_samples} prompts")
     if cfg.png:

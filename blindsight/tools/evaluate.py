@@ -120,7 +120,8 @@ def accuracy(model, examples: list[Example], template: Template | None = None, p
             if layout.num_images.sum() and stats().get("sparse_calls", 0) == before:
                 falls = {k: v for k, v in stats().items() if k.startswith("fallback.")}
                 raise RuntimeError(f"BlindSight ran no sparse attention on an example with images (fallbacks so far: "
-                                   f"{falls}); its accuracy would be the dense one. Check the profile and backend options.")
+                                   f"{falls}); its accuracy would be the dense one. Check the profile and backend "
+                                   "options.")
     return hits
 
 
@@ -136,7 +137,8 @@ class EvalResult:
 
 def by_task(examples: list[Example], hits: list[bool]) -> dict[str, float]:
     tasks = sorted({e.task for e in examples if e.task})
-    return {t: sum(h for e, h in zip(examples, hits) if e.task == t) / sum(e.task == t for e in examples) for t in tasks}
+    return {t: sum(h for e, h in zip(examples, hits) if e.task == t) / sum(e.task == t for e in examples)
+            for t in tasks}
 
 
 def flop_reductions(examples: list[Example], profile: Profile, config) -> tuple[float, float]:
@@ -166,6 +168,6 @@ def evaluate(model, examples: list[Example], profile: Profile, thresholds=(None,
         with compiled_language_model(model, blindsight_backend(p, **backend_options)):
             hits = accuracy(model, examples, template, progress, desc=f"blindsight{'' if t is None else f' @{t}'}")
         att, pre = flop_reductions(examples, p, model.config)
-        results.append(EvalResult(t, sum(hits) / len(examples), att, pre, {c.json_name: n for c, n in p.counts().items()},
-                                  by_task(examples, hits)))
+        results.append(EvalResult(t, sum(hits) / len(examples), att, pre,
+                                  {c.json_name: n for c, n in p.counts().items()}, by_task(examples, hits)))
     return dense, results

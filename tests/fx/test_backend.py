@@ -7,6 +7,7 @@ import torch
 
 import blindsight
 from blindsight import Category, ModelInfo, Profile, ProfileMismatchError, blindsight_backend, use_layout
+
 from tiny_models import batch, build, layout_of, prompt, reference_attention
 
 MODELS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]

@@ -11,12 +11,13 @@ import copy
 
 import pytest
 import torch
-from tiny_graphs import HIDDEN, OP, NoAttention, Recording, TinyVLM, calls, captured, profile, sdpa_calls
 
 import blindsight
 from blindsight import Category, Layout, Template, blindsight_backend, reference_mask, use_layout
 from blindsight.fx import find_sites, rewrite_sites
 from blindsight.fx.sites import module_path
+
+from tiny_graphs import HIDDEN, OP, NoAttention, Recording, TinyVLM, calls, captured, profile, sdpa_calls
 
 TEMPLATE = Template((252,), (253,), (250,), 1)
 LAYOUT = Layout.from_spec("text:2,image:6,text:1,image:5,text:2", TEMPLATE)  # 16 tokens, 2 images

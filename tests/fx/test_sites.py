@@ -6,12 +6,13 @@ a backend gets: ``L['self']...`` paths, ``example_value``s, symbolic sizes with 
 
 import pytest
 import torch
-from tiny_graphs import HIDDEN, Attention, NoAttention, Pooler, TinyVLM, captured, profile, sdpa_calls, traced
 
 from blindsight import ProfileMismatchError, UnsupportedAttentionError
 from blindsight.fx import find_sites
 from blindsight.fx.sites import module_path, sdpa_args
 from blindsight.hf import language_model_layer
+
+from tiny_graphs import HIDDEN, Attention, NoAttention, Pooler, TinyVLM, captured, profile, sdpa_calls, traced
 
 X = torch.randn(1, 8, HIDDEN)
 CAUSAL = torch.ones(1, 1, 8, 8, dtype=torch.bool).tril()

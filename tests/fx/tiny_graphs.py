@@ -1,8 +1,8 @@
 """Tiny modules shaped like a VLM, for unit tests of site discovery and the rewrite on small graphs.
 
 Module paths are a real VLM's: ``model.language_model.layers.<i>.self_attn`` for the language model and
-``model.vision_tower.vision_model.encoder.layers.<i>.self_attn`` for the vision tower (SigLIP's names: its attention modules
-are ``layers.<i>.self_attn`` too, which only the vision part of the path tells apart). Each attention module
+``model.vision_tower.vision_model.encoder.layers.<i>.self_attn`` for the vision tower (SigLIP's names: its attention
+modules are ``layers.<i>.self_attn`` too, which only the vision part of the path tells apart). Each attention module
 makes one ``F.scaled_dot_product_attention`` call as transformers' SDPA path does (GQA, ``[B, H, S, D]``).
 """
 
@@ -183,4 +183,5 @@ def calls(gm: torch.fx.GraphModule, target) -> list[torch.fx.Node]:
 
 
 def sdpa_calls(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (SDPA, torch._C._nn.scaled_dot_product_attention)]
+    targets = (SDPA, torch._C._nn.scaled_dot_product_attention)
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in targets]

@@ -14,6 +14,7 @@ import blindsight
 from blindsight import ModelInfo, Profile
 from blindsight.tools.cli import main
 from blindsight.tools.data import DataError, jsonl_records, synthetic_samples
+
 from tiny_models import build
 
 
