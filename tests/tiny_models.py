@@ -1,4 +1,4 @@
-"""Tiny random-weight VLMs from transformers configs (DESIGN.md §8) and multi-image prompts for them."""
+"""Tiny random-weight VLMs from transformers configs (they build and run on CPU, offline) and multi-image prompts."""
 
 from __future__ import annotations
 
