@@ -87,9 +87,7 @@ def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | N
     options = replace(options or BackendOptions(), **overrides) if overrides else (options or BackendOptions())
     config = model.config
     profile.check_model(config)
-    template = options.template
-    if template is None and profile.model.template is not None:
-        template = Template.from_dict(profile.model.template)
+    template = options.template if options.template is not None else profile.template
     if template is not None:
         check_template(template, config, options.template is not None)
     modules = [(name, m) for name, m in model.named_modules() if language_model_layer(name) is not None]

@@ -181,6 +181,11 @@ class Profile:
             )
 
     # ---- queries --------------------------------------------------------------------------------
+    @property
+    def template(self) -> Template | None:
+        """The image template stored with the model (``model.template``), or None (a profile without one)."""
+        return None if self.model.template is None else Template.from_dict(self.model.template)
+
     def layer_categories(self, layer: int) -> tuple[Category, ...]:
         return self.categories[layer]
 

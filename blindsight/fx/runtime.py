@@ -22,7 +22,7 @@ import logging
 
 import torch
 
-from ..layout import Template, prompt_layout
+from ..layout import prompt_layout
 from ..lowering import calls_use
 from ..profile import ModelInfo, Profile, check_template
 from ..stats import count, record_fallback
@@ -110,9 +110,7 @@ class BlindSightBackend:
 
     def __init__(self, profile: Profile, options: BackendOptions):
         self.profile, self.options = profile, options
-        self.template = options.template
-        if self.template is None and profile.model.template is not None:
-            self.template = Template.from_dict(profile.model.template)
+        self.template = options.template if options.template is not None else profile.template
         self._checked: set = set()
         _watch_recompile_limit()
         limit = options.recompile_limit
