@@ -21,6 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m ruff check blindsight tests bench
 	$(PY) -m pytest -q
 
 demo: $(STAMP)

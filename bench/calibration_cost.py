@@ -49,7 +49,8 @@ def one(images: int) -> dict:
     cal = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"images": images, "tokens": input_ids.shape[1], "dense_forward_s": round(forward, 2),
-            "calibration_s": round(cal, 2), "peak_rss_mb": round(peak / 1024), "rss_growth_mb": round((peak - base_rss) / 1024)}
+            "calibration_s": round(cal, 2), "peak_rss_mb": round(peak / 1024),
+            "rss_growth_mb": round((peak - base_rss) / 1024)}
 
 
 def main():

@@ -5,7 +5,7 @@
 
 1. Exactness: for several layouts (images of different sizes, 1-16 images) and every head category,
    ``sparse_attention`` (every call sparse) against SDPA in float32 with the definition's mask, on sampled rows
-   (:func:`blindsight.bench.max_error_on_rows`), in bfloat16 and float16. The tolerance is what dense SDPA in
+   (:func:`blindsight.tools.bench.max_error_on_rows`), in bfloat16 and float16. The tolerance is what dense SDPA in
    the same dtype, given the same mask, misses by (its rounding), twice, plus 1e-5; fails (exit 1) past it.
 2. Speed: one layer's attention (12 heads / 2 KV heads, d=128, 3 heads of each category) at 8K, 32K and 128K
    tokens: dense SDPA (flash backend on CUDA) vs the flex lowering, median of CUDA-synchronised runs, with the
@@ -22,11 +22,11 @@ import time
 
 import torch
 
-from blindsight.bench import BENCH_TEMPLATE, max_error_on_rows, sample_rows, sweep_layout
 from blindsight.flops import attention_flops
 from blindsight.layout import Layout
 from blindsight.lowering import dense_attention, predicted_work, resolve_lowering, sparse_attention
 from blindsight.profile import Category, ModelInfo, Profile
+from blindsight.tools.bench import BENCH_TEMPLATE, max_error_on_rows, sample_rows, sweep_layout
 
 EXACT_LAYOUTS = ["text:7,(image:33,text:5)x3,text:9", "text:64,image:300,text:3,image:41,text:16,image:128,text:20",
                  "text:16,(image:250,text:8)x16,text:30", "text:1,image:1000,text:1"]
@@ -69,7 +69,8 @@ def _masked_sdpa_error(q, k, v, layout: Layout, heads, rows: torch.Tensor, chunk
         r = rows[i:i + chunk].to(q.device)
         mask = reference_mask(layout, heads, rows=rows[i:i + chunk]).to(q.device)
         low = torch.nn.functional.scaled_dot_product_attention(q[:, :, r], kr, vr, attn_mask=mask)
-        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, r].float(), kr.float(), vr.float(), attn_mask=mask)
+        ref = torch.nn.functional.scaled_dot_product_attention(q[:, :, r].float(), kr.float(), vr.float(),
+                                                               attn_mask=mask)
         err = max(err, (low.float() - ref).abs().max().item())
     return err
 
@@ -102,15 +103,18 @@ def speed(device: torch.device, lowering: str, lengths, dtype, repeat: int) -> l
         q, k, v = _inputs(layout, 12, 2, 128, dtype, device)
         info = ModelInfo("gpu-bench", 1, 12, 2, 128)
         ideal = attention_flops(layout, Profile.from_categories([MIX], info)).ideal_speedup
+        def dense(q=q, k=k, v=v):
+            return dense_attention(q, k, v, None, None, True)
+
+        def sparse(q=q, k=k, v=v, layout=layout):
+            return sparse_attention(q, k, v, None, layout, MIX, None, True, lowering, only_if_faster=False)
+
         with torch.no_grad():
             with sdpa_kernel(backends):
-                t_dense = _timed(lambda: dense_attention(q, k, v, None, None, True), device, repeat)
-            t_sparse = _timed(lambda: sparse_attention(q, k, v, None, layout, MIX, None, True, lowering,
-                                                       only_if_faster=False), device, repeat)
+                t_dense = _timed(dense, device, repeat)
+            t_sparse = _timed(sparse, device, repeat)
             sparse_work, dense_work = predicted_work(q, k, None, layout, MIX, True, lowering)
-            err = max_error_on_rows(sparse_attention(q, k, v, None, layout, MIX, None, True, lowering,
-                                                     only_if_faster=False), q, k, v, layout, MIX,
-                                    sample_rows(layout, 128))
+            err = max_error_on_rows(sparse(), q, k, v, layout, MIX, sample_rows(layout, 128))
         out.append({"tokens": layout.seq_len, "images": int(layout.image.max()) + 1, "dtype": str(dtype).split(".")[-1],
                     "dense_ms": 1e3 * t_dense, "blindsight_ms": 1e3 * t_sparse, "speedup": t_dense / t_sparse,
                     "ideal": ideal, "efficiency": t_dense / t_sparse / ideal, "max_abs_error": err,

@@ -52,7 +52,7 @@ def make_stream(n: int, seed: int = 0) -> list[dict]:
     out = []
     for _ in range(n):
         ids, types, pix, grids = [], [], [], []
-        for i in range(rng.randint(1, 6)):
+        for _ in range(rng.randint(1, 6)):
             t = rng.randint(4, 40)
             ids += [rng.randint(10, 999) for _ in range(t)]
             types += [0] * t

@@ -13,9 +13,9 @@ Two measurements on held-out prompts (the ``benchmark`` split's generator, its o
   attention; an image is its segment, delimiters included, as ``blindsight.Layout`` defines it). For
   ``find`` the target is the image that holds the named colour and shape; for ``count`` the images that hold
   the named colour or shape; for ``same`` the two images named by number. Selective attention puts more than
-  its share (targets' fraction of image tokens) on the targets. Also the mass on the targets' label number tokens (the ``3`` of
-  ``<image> image 3 :``, which follows its image) and on the other images' label number tokens: the shipped
-  model is trained to look up labels, at layer 2 head 0 for ``find``, head 1 for ``count`` and head 2 for
+  its share (targets' fraction of image tokens) on the targets. Also the mass on the targets' label number tokens
+  (the ``3`` of ``<image> image 3 :``, which follows its image) and on the other images' label number tokens: the
+  shipped model is trained to look up labels, at layer 2 head 0 for ``find``, head 1 for ``count`` and head 2 for
   ``same`` (``blindsight.zoo.train.attention_targets``).
 - ``ablation`` (``--ablate``): per-task accuracy on the benchmark split (200 prompts of ``--images`` images, the
   README's samples) with the output of layer 2's head 0, 1 or 2, or all three, zeroed (its ``o_proj`` columns).
@@ -31,8 +31,8 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from blindsight.demo import load_zoo_model  # noqa: E402
 from blindsight.layout import Layout, Template  # noqa: E402
+from blindsight.tools.demo import load_zoo_model  # noqa: E402
 from blindsight.zoo.shapes import COLORS, SHAPES, make_record  # noqa: E402
 from blindsight.zoo.train import label_targets  # noqa: E402
 
@@ -83,7 +83,8 @@ def probes(model, processor, images: int = 4, prompts: int = 150, seed: int = 9)
     for token, xs in states.items():
         x = torch.stack(xs, 1)  # [L+1, N, D]
         out[token] = {name: [_linear_probe(x[layer].float(), y[:, k], classes) for layer in range(len(x))]
-                      for k, (name, classes) in enumerate((("number", images), ("colour", len(COLORS)), ("shape", len(SHAPES))))}
+                      for k, (name, classes) in enumerate((("number", images), ("colour", len(COLORS)),
+                                                           ("shape", len(SHAPES))))}
     return out
 
 
@@ -115,20 +116,22 @@ def attention(model, processor, task: str, images: int = 4, prompts: int = 40, s
             target_label = label & torch.roll(target, 2)
             other_label = label & ~target_label
             share.append(target.sum().item() / (image >= 0).sum().item())
-            mass.append(torch.stack([torch.stack([(p[0, :, -1] * m).sum(-1) for m in (target, other, image < 0, target_label, other_label)], -1)
+            regions = (target, other, image < 0, target_label, other_label)
+            mass.append(torch.stack([torch.stack([(p[0, :, -1] * m).sum(-1) for m in regions], -1)
                                      for p in out.attentions]))  # [L, H, 5]
     finally:
         model.set_attn_implementation(implementation)
     m = torch.stack(mass).mean(0)
     return {"accuracy": hits / prompts, "target_share": float(np.mean(share)),
-            "layers": [{"target": layer[:, 0].tolist(), "other_images": layer[:, 1].tolist(), "text": layer[:, 2].tolist(),
+            "layers": [{"target": layer[:, 0].tolist(), "other_images": layer[:, 1].tolist(),
+                        "text": layer[:, 2].tolist(),
                         "target_labels": layer[:, 3].tolist(), "other_labels": layer[:, 4].tolist()} for layer in m]}
 
 
 @torch.no_grad()
 def ablation(model, processor, images: int = 4, prompts: int = 200, layer: int = 2) -> dict:
     """{"none"|"head 0"|...: {"all": accuracy, task: accuracy}} with heads of ``layer`` zeroed in turn."""
-    from blindsight.evaluate import accuracy, by_task, make_examples
+    from blindsight.tools.evaluate import accuracy, by_task, make_examples
     from blindsight.zoo.shapes import make_records
 
     examples = make_examples(processor, make_records("benchmark", prompts, min_images=images, max_images=images),
@@ -165,19 +168,22 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
-    print(f"linear probes, {args.images} images, {args.prompts} prompts (held-out accuracy; hidden state 0 = embeddings)")
+    print(f"linear probes, {args.images} images, {args.prompts} prompts "
+          "(held-out accuracy; hidden state 0 = embeddings)")
     for token, by_label in result["probes"].items():
         for label, accs in by_label.items():
             print(f"  {token:19s} {label:7s} " + " ".join(f"{a:.2f}" for a in accs))
     for task, r in result["attention"].items():
-        print(f"answer-row attention, {task}: accuracy {r['accuracy']:.2f}, targets hold {r['target_share']:.2f} of image tokens")
+        print(f"answer-row attention, {task}: accuracy {r['accuracy']:.2f}, "
+              f"targets hold {r['target_share']:.2f} of image tokens")
         for i, layer in enumerate(r["layers"]):
             print(f"  layer {i}: " + "  ".join(
                 f"h{h} target {t:.2f} other {o:.2f} text {x:.2f} (labels: target {tl:.2f} other {ol:.2f})"
                 for h, (t, o, x, tl, ol) in enumerate(zip(layer["target"], layer["other_images"], layer["text"],
                                                            layer["target_labels"], layer["other_labels"]))))
     for name, acc in result.get("ablation", {}).items():
-        print(f"layer 2 {name} zeroed, {args.images} images: " + " ".join(f"{t} {100 * a:.1f}%" for t, a in acc.items()))
+        scores = " ".join(f"{t} {100 * a:.1f}%" for t, a in acc.items())
+        print(f"layer 2 {name} zeroed, {args.images} images: {scores}")
     return 0
 
 

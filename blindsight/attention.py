@@ -17,11 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from .fx.options import BackendOptions
-from .fx.runtime import check_template
-from .fx.sites import language_model_layer
+from .hf import language_model_layer, text_config_key
 from .layout import Template, prompt_layout
 from .lowering import dense_attention, sparse_attention
-from .profile import Profile
+from .profile import Profile, check_template
 from .stats import record_fallback
 
 __all__ = ["attach", "detach", "ATTENTION_NAME"]
@@ -75,12 +74,6 @@ def _register() -> None:
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
 
 
-def _text_config_key(config) -> str | None:
-    """The sub-config that holds the language model (``text_config``), or None for a text-only model."""
-    subs = getattr(config, "sub_configs", {}) or {}
-    return "text_config" if "text_config" in subs else None
-
-
 def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | None = None, **overrides):
     """Run the language model's attention of ``model`` (a transformers model) sparse, eagerly; returns ``model``.
 
@@ -95,16 +88,14 @@ def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | N
     options = replace(options or BackendOptions(), **overrides) if overrides else (options or BackendOptions())
     config = model.config
     profile.check_model(config)
-    template = options.template
-    if template is None and profile.model.template is not None:
-        template = Template.from_dict(profile.model.template)
+    template = options.template if options.template is not None else profile.template
     if template is not None:
         check_template(template, config, options.template is not None)
     modules = [(name, m) for name, m in model.named_modules() if language_model_layer(name) is not None]
     if not modules:
         raise ValueError("attach: found no language-model attention modules (...layers.<i>.self_attn) in this model")
     _register()
-    key = _text_config_key(config)
+    key = text_config_key(config)
     sub = getattr(config, key) if key else config
     previous = sub._attn_implementation
     for name, m in modules:

@@ -17,25 +17,19 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
-import numbers
-from typing import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
-import torch.fx
 
-from .fx.sites import UnsupportedAttentionError, language_model_layer, not_sdpa_message
+from .categories import SPARSE_CATEGORIES, Category, check_dense_layers, check_quantile, normalize_thresholds
+from .hf import UnsupportedAttentionError, language_model_layer, not_sdpa_message
 from .layout import Layout, Template
-from .profile import Category, ModelInfo, Profile
+from .profile import ModelInfo, Profile
+from .progress import progress_bar
 
-__all__ = ["calibrate", "removed_mass", "decide_categories", "normalize_thresholds", "check_quantile",
-           "check_dense_layers", "check_scores", "SPARSE_CATEGORIES"]
+__all__ = ["calibrate", "removed_mass"]
 
-SPARSE_CATEGORIES = (Category.INTRA_SINK, Category.INTRA, Category.SINK)  # order of the stored statistics
-DECISION_ORDER = (Category.SINK, Category.INTRA, Category.INTRA_SINK)  # cheapest first
-DEFAULT_THRESHOLD = 0.95
 _CHUNK_ELEMENTS = 1 << 24  # scores held at once: H * chunk * S floats
-# a stored recall is 1 - (float32 sums of probabilities) / rows: it may leave [0, 1] by rounding, not by more
-RECALL_SLACK = 1e-3
 
 
 def removed_mass(q, k, attn_mask, is_causal: bool, scale, image: torch.Tensor, sink: torch.Tensor):
@@ -151,134 +145,6 @@ class _Interceptor:
 _SDPA = torch.nn.functional.scaled_dot_product_attention
 
 
-def _is_number(v) -> bool:
-    """A real number, not a bool (``True`` would be taken as 1.0)."""
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def normalize_thresholds(thresholds) -> dict[Category, float]:
-    """One number for all sparse categories, or a mapping ``{category or name: number}`` (others: 0.95); each
-    in [0, 1]. ValueError names what is wrong."""
-    if thresholds is None:
-        thresholds = DEFAULT_THRESHOLD
-    if _is_number(thresholds):
-        out = {c: float(thresholds) for c in SPARSE_CATEGORIES}
-    elif isinstance(thresholds, Mapping):
-        out = {c: DEFAULT_THRESHOLD for c in SPARSE_CATEGORIES}
-        for key, value in thresholds.items():
-            try:
-                c = Category.parse(key)
-            except ValueError as e:
-                raise ValueError(f"thresholds: {e}") from None
-            if c == Category.DENSE:
-                raise ValueError("thresholds: dense has no threshold (it is the fallback)")
-            if not _is_number(value):
-                raise ValueError(f"threshold of {c.json_name} must be a number, got {value!r}")
-            out[c] = float(value)
-    else:
-        raise ValueError(f"thresholds must be a number in [0, 1] or a mapping {{category: number}}, got {thresholds!r}")
-    for c, v in out.items():
-        if not 0.0 <= v <= 1.0:  # NaN fails too
-            raise ValueError(f"threshold of {c.json_name} must be in [0, 1], got {v}")
-    return out
-
-
-def check_quantile(quantile) -> float:
-    """The quantile over prompts as a float in [0, 1]; ValueError otherwise."""
-    if not _is_number(quantile):
-        raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
-    if not 0.0 <= quantile <= 1.0:  # NaN fails too
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
-    return float(quantile)
-
-
-def check_dense_layers(dense_layers, num_layers: int) -> tuple[int, ...]:
-    """The layers forced DENSE as ints in [0, num_layers). A fractional or bool entry is refused: ``0.5`` would
-    match no layer and ``True`` would be layer 1."""
-    if isinstance(dense_layers, (str, bytes, Mapping)) or not isinstance(dense_layers, Iterable):
-        raise ValueError(f"dense_layers must be a list of layer numbers, got {dense_layers!r}")
-    out = []
-    for layer in dense_layers:
-        if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise ValueError(f"dense_layers must be layer numbers (ints), got {layer!r}")
-        if not 0 <= layer < num_layers:
-            raise ValueError(f"dense_layers: layer {layer} is out of range for {num_layers} layers "
-                             f"(0 to {num_layers - 1})")
-        out.append(int(layer))
-    return tuple(out)
-
-
-def check_scores(scores, num_layers: int, num_heads: int) -> None:
-    """ValueError naming the field unless ``scores`` is what :func:`calibrate` stores: ``statistic`` "recall",
-    ``categories`` in SPARSE_CATEGORIES order (the order of each recall triple: another order would silently
-    swap categories), and ``prompts[i].recall`` of shape ``[num_layers][num_heads][3]`` with values in [0, 1]."""
-    if not isinstance(scores, Mapping):
-        raise ValueError(f"scores must be an object, got {type(scores).__name__}")
-    if scores.get("statistic") != "recall":
-        raise ValueError(f'scores.statistic must be "recall", got {scores.get("statistic")!r}')
-    expected = [c.json_name for c in SPARSE_CATEGORIES]
-    if scores.get("categories") != expected:
-        raise ValueError(f"scores.categories must be {expected} (the order of each stored recall triple), "
-                         f"got {scores.get('categories')!r}")
-    prompts = scores.get("prompts")
-    if not isinstance(prompts, list):
-        raise ValueError(f"scores.prompts must be a list, got {type(prompts).__name__}")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, Mapping):
-            raise ValueError(f"scores.prompts[{i}] must be an object, got {type(prompt).__name__}")
-        if "recall" not in prompt:
-            raise ValueError(f"scores.prompts[{i}].recall is missing")
-        _check_recall(prompt["recall"], f"scores.prompts[{i}].recall", num_layers, num_heads)
-
-
-def _check_list(value, length: int, where: str, what: str) -> None:
-    if not isinstance(value, list) or len(value) != length:
-        got = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
-        raise ValueError(f"{where} must be a list of {length} {what}, got {got}")
-
-
-def _check_recall(recall, where: str, num_layers: int, num_heads: int) -> None:
-    """``recall[layer][head][category]``, by loops rather than a tensor so the message names the entry."""
-    names = [c.json_name for c in SPARSE_CATEGORIES]
-    _check_list(recall, num_layers, where, "layers")
-    for l, layer in enumerate(recall):
-        _check_list(layer, num_heads, f"{where}[{l}]", "heads")
-        for h, head in enumerate(layer):
-            _check_list(head, len(names), f"{where}[{l}][{h}]", f"recalls {names}")
-            for c, v in enumerate(head):
-                if not _is_number(v) or not -RECALL_SLACK <= v <= 1 + RECALL_SLACK:  # NaN fails too
-                    raise ValueError(f"{where}[{l}][{h}][{c}] must be a recall in [0, 1], got {v!r}")
-
-
-def aggregate_recall(recalls: torch.Tensor, quantile: float) -> torch.Tensor:
-    """``recalls [prompts, L, H, 3]`` -> ``[L, H, 3]``: the quantile over prompts (0 = minimum)."""
-    quantile = check_quantile(quantile)
-    if recalls.shape[0] == 0:
-        return torch.full(recalls.shape[1:], float("nan"), dtype=torch.float64)
-    return torch.quantile(recalls.double(), quantile, dim=0)
-
-
-def decide_categories(agg: torch.Tensor, thresholds, dense_layers: Sequence[int] = ()) -> list[list[Category]]:
-    """Cheapest category whose aggregated recall ``agg [L, H, 3]`` reaches its threshold, else DENSE."""
-    th = normalize_thresholds(thresholds)
-    L, H, _ = agg.shape
-    dense_layers = check_dense_layers(dense_layers, L)
-    out = []
-    for l in range(L):
-        layer = []
-        for h in range(H):
-            choice = Category.DENSE
-            if l not in dense_layers:
-                for c in DECISION_ORDER:
-                    r = agg[l, h, SPARSE_CATEGORIES.index(c)]
-                    if not torch.isnan(r) and r >= th[c]:
-                        choice = c
-                        break
-            layer.append(choice)
-        out.append(layer)
-    return out
-
-
 def _template_for(model, template):
     if template is not None:
         return template
@@ -316,7 +182,7 @@ def calibrate(
     # only attention is measured: skip the LM head's logits over the whole prompt when the model allows it
     extra = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     with spy.active(), torch.no_grad():
-        for i, sample in _progress(mine, progress and rank == 0, "calibrating"):
+        for i, sample in progress_bar(mine, progress and rank == 0, "calibrating", unit="prompt"):
             sample = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
             layout = Layout.from_input_ids(sample["input_ids"], template, sample.get("attention_mask"))
             spy.start(layout.to(model.device))
@@ -358,11 +224,3 @@ def _gather(records: list, world: int) -> list:
         dist.all_gather_object(parts, records)
         records = [r for part in parts for r in part]
     return sorted(records, key=lambda r: (r["sample"], r["row"]))
-
-
-def _progress(items, enabled: bool, desc: str):
-    if not enabled:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="prompt")

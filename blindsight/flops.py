@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from . import hf
+from .categories import Category
 from .layout import Layout
-from .masks import BaseMask, pair_counts
-from .profile import Category, Profile
+from .masks import BaseMask
+from .masks.block import pair_counts
+from .profile import Profile
 
 __all__ = ["AttentionFlops", "attention_flops", "PrefillFlops", "prefill_flops"]
 
@@ -41,7 +44,8 @@ def attention_flops(layout: Layout, profile: Profile, base: BaseMask | None = No
     per_pair = 4 * profile.model.head_dim
     heads = profile.counts()
     by_category = {
-        c: {"heads": heads[c], "dense": heads[c] * pairs[Category.DENSE] * per_pair, "blindsight": heads[c] * pairs[c] * per_pair}
+        c: {"heads": heads[c], "dense": heads[c] * pairs[Category.DENSE] * per_pair,
+            "blindsight": heads[c] * pairs[c] * per_pair}
         for c in Category
     }
     return AttentionFlops(
@@ -75,8 +79,7 @@ class PrefillFlops:
 
 def prefill_flops(layout: Layout, profile: Profile, config, base: BaseMask | None = None) -> PrefillFlops:
     """Whole language-model prefill FLOPs; ``config`` is a transformers config (VLM or text) or a model."""
-    config = getattr(config, "config", config)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = hf.text_config(hf.model_config(config))
     m = profile.model
     hidden = text.hidden_size
     per_layer = hidden * m.num_heads * m.head_dim * 2 + 2 * hidden * m.num_kv_heads * m.head_dim

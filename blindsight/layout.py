@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import hf
 from .stats import count
 
 __all__ = ["Template", "Layout", "LayoutError", "parse_layout_spec", "input_ids_from_spec", "use_layout",
-           "active_layout", "layout_from_ids", "enclosing_input_ids", "prompt_layout"]
+           "image_segments", "active_layout", "layout_from_ids", "enclosing_input_ids", "prompt_layout"]
 
 
 class LayoutError(ValueError):
@@ -65,26 +66,9 @@ class Template:
         return bool(self.image_open_ids)
 
     @classmethod
-    def from_config(cls, config, sinks_per_image: int = 1) -> "Template":
+    def from_config(cls, config, sinks_per_image: int = 1) -> Template:
         """The template of a transformers VLM config (or a model: its ``.config`` is used)."""
-        config = getattr(config, "config", config)
-        model_type = getattr(config, "model_type", None)
-        if model_type in ("qwen2_vl", "qwen2_5_vl"):
-            return cls(
-                (config.vision_start_token_id,),
-                (config.vision_end_token_id,),
-                (config.image_token_id, config.video_token_id),
-                sinks_per_image,
-            )
-        if model_type == "gemma3":
-            return cls(
-                (config.boi_token_index,), (config.eoi_token_index,), (config.image_token_index,), sinks_per_image
-            )
-        raise ValueError(
-            f"Template.from_config: no built-in template for model_type={model_type!r} "
-            "(known: qwen2_vl, qwen2_5_vl, gemma3). Build one by hand: "
-            "Template(image_open_ids=(...), image_close_ids=(...), image_token_ids=(...))."
-        )
+        return cls(*hf.template_ids(config), sinks_per_image)
 
     def to_dict(self) -> dict:
         return {
@@ -95,7 +79,7 @@ class Template:
         }
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Template":
+    def from_dict(cls, d: dict) -> Template:
         return cls(
             tuple(d["image_open_ids"]),
             tuple(d["image_close_ids"]),
@@ -148,25 +132,20 @@ class Layout:
     def has_images(self) -> bool:
         return self._has_images
 
-    def to(self, device) -> "Layout":
+    def to(self, device) -> Layout:
         if self.image.device == torch.device(device):
             return self
         return Layout(self.image.to(device), self.sink.to(device), self.key)
 
     def segments(self, row: int = 0) -> list[tuple[int, int]]:
         """``(start, end)`` (end exclusive) of each image segment of ``row``."""
-        img = self.image[row].cpu()
-        out = []
-        for i in range(int(img.max().item()) + 1 if img.numel() else 0):
-            pos = (img == i).nonzero().flatten()
-            out.append((int(pos[0]), int(pos[-1]) + 1))
-        return out
+        return [(start, end) for _, start, end in image_segments(self.image[row])]
 
     def __repr__(self) -> str:
         return f"Layout(B={self.batch_size}, S={self.seq_len}, images={self.num_images.tolist()}, key={self.key[:8]})"
 
     @classmethod
-    def from_input_ids(cls, input_ids: torch.Tensor, template: Template, attention_mask=None) -> "Layout":
+    def from_input_ids(cls, input_ids: torch.Tensor, template: Template, attention_mask=None) -> Layout:
         """Find the image segments of ``input_ids`` ``[B, S]`` (or ``[S]``).
 
         Positions where the 2-D ``attention_mask`` is 0 are padding: text, whatever their ids.
@@ -182,7 +161,8 @@ class Layout:
             am = torch.as_tensor(attention_mask).cpu()
             if am.shape != ids.shape:
                 raise ValueError(
-                    f"Layout.from_input_ids: attention_mask shape {tuple(am.shape)} != input_ids shape {tuple(ids.shape)}"
+                    f"Layout.from_input_ids: attention_mask shape {tuple(am.shape)} != input_ids shape "
+                    f"{tuple(ids.shape)}"
                 )
             real = am.bool()
         is_img = torch.isin(ids, torch.tensor(template.image_token_ids)) & real
@@ -205,9 +185,23 @@ class Layout:
         return cls(image, sink)
 
     @classmethod
-    def from_spec(cls, spec: str, template: Template) -> "Layout":
+    def from_spec(cls, spec: str, template: Template) -> Layout:
         """The layout of :func:`input_ids_from_spec` (batch 1)."""
         return cls.from_input_ids(input_ids_from_spec(spec, template), template)
+
+
+def image_segments(image_row: torch.Tensor) -> list[tuple[int, int, int]]:
+    """``(image id, start, end)`` (end exclusive) of each image segment of one row of :attr:`Layout.image`
+    (segments are contiguous by definition)."""
+    pos = (image_row >= 0).nonzero().flatten()
+    if pos.numel() == 0:
+        return []
+    ids = image_row[pos]
+    starts = torch.ones_like(ids, dtype=torch.bool)
+    starts[1:] = ids[1:] != ids[:-1]
+    ends = torch.ones_like(starts)
+    ends[:-1] = starts[1:]
+    return list(zip(ids[starts].tolist(), pos[starts].tolist(), (pos[ends] + 1).tolist()))
 
 
 def _check_layout(image: torch.Tensor, sink: torch.Tensor) -> None:
@@ -332,7 +326,8 @@ def input_ids_from_spec(spec: str, template: Template, text_token_id: int = 0) -
         elif template.has_delimiters:
             if n < 3:
                 raise ValueError(f"layout spec {spec!r}: image:{n} needs >= 3 tokens (open, placeholder, close)")
-            out += [template.image_open_ids[0]] + [template.image_token_ids[0]] * (n - 2) + [template.image_close_ids[0]]
+            out += ([template.image_open_ids[0]] + [template.image_token_ids[0]] * (n - 2)
+                    + [template.image_close_ids[0]])
         else:
             out += [template.image_token_ids[0]] * n
     return torch.tensor([out], dtype=torch.long)
@@ -418,7 +413,8 @@ def enclosing_input_ids(max_frames: int = 200):
     return None, None
 
 
-def prompt_layout(template: Template | None, ids=None, mask=None, warn: bool = False) -> tuple[Layout | None, str | None]:
+def prompt_layout(template: Template | None, ids=None, mask=None,
+                  warn: bool = False) -> tuple[Layout | None, str | None]:
     """``(layout, None)`` for the attention calls about to run, or ``(None, reason)``: the one layout source of
     the compiled and the eager path. Order: :func:`use_layout`; the given ``ids``/``mask`` (a graph's own
     ``input_ids`` input); :func:`enclosing_input_ids`. A malformed prompt gives reason ``malformed_prompt``

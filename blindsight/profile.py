@@ -1,79 +1,49 @@
-"""Per-(layer, head) attention categories and the versioned profile file (DESIGN.md §2, §4)."""
+"""The versioned profile file: per-(layer, head) categories with the statistics that decided them (DESIGN §4).
+
+It also checks a profile against a model (:meth:`Profile.check_model`, :func:`check_template`): a profile made
+for another shape, or a template whose image ids contradict the model's config, is refused up front.
+"""
 
 from __future__ import annotations
 
 import json
-import operator
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
-from enum import IntEnum
-from typing import Any, Sequence
+from typing import Any
 
+import torch
+
+from . import hf
+from .categories import (
+    SPARSE_CATEGORIES,
+    Category,
+    aggregate_recall,
+    check_dense_layers,
+    check_quantile,
+    decide_categories,
+    normalize_thresholds,
+)
 from .layout import Template
+from .values import is_int, is_number, show
+from .version import __version__
 
 __all__ = [
-    "Category",
     "ModelInfo",
     "Profile",
     "ProfileFormatError",
     "ProfileMismatchError",
     "PROFILE_FORMAT",
     "PROFILE_VERSION",
+    "check_scores",
+    "check_template",
+    "check_template_dict",
 ]
 
 PROFILE_FORMAT = "blindsight-profile"
 PROFILE_VERSION = 1
-
-
-def _is_int(v) -> bool:
-    """An integer in the JSON sense: ``True == 1`` in Python, but a bool in a size or version field is a mistake."""
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _show(v, limit: int = 60) -> str:
-    """``repr(v)`` cut short: error messages stay one readable line even for a huge wrong value."""
-    text = repr(v)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _integral(v) -> int | None:
-    """``v`` as an int if it is an integer (int, numpy int, or a float such as 2.0), else None. Not bools."""
-    if isinstance(v, bool):
-        return None
-    try:
-        return operator.index(v)
-    except TypeError:
-        return int(v) if isinstance(v, float) and v.is_integer() else None
-
-
-class Category(IntEnum):
-    """What an attention head keeps of image-image pairs; text queries and text keys are always kept.
-
-    DENSE: everything. INTRA_SINK: same image, or the key is a sink. INTRA: same image.
-    SINK: the key is a sink, or the key is the query itself.
-    """
-
-    DENSE = 0
-    INTRA_SINK = 1
-    INTRA = 2
-    SINK = 3
-
-    @property
-    def json_name(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, value: "Category | str | int") -> "Category":
-        """A Category, its name (any case) or its number 0-3. Bools and fractional numbers are refused, not
-        rounded: ``int(2.7)`` and ``True == 1`` would silently pick a category."""
-        if isinstance(value, Category):
-            return value
-        if isinstance(value, str) and value.strip().upper() in cls.__members__:
-            return cls[value.strip().upper()]
-        number = None if isinstance(value, str) else _integral(value)
-        if number is not None and 0 <= number < len(cls):
-            return cls(number)
-        raise ValueError(f"unknown category {_show(value)}; expected one of {[c.json_name for c in cls]} (or 0-3)")
+# a stored recall is 1 - (float32 sums of probabilities) / rows: it may leave [0, 1] by rounding, not by more
+RECALL_SLACK = 1e-3
 
 
 class ProfileFormatError(ValueError):
@@ -91,10 +61,10 @@ _TEMPLATE_IDS = ("image_open_ids", "image_close_ids", "image_token_ids")
 def _check_model_fields(m: dict, where: str) -> None:
     """ValueError naming ``where.<field>`` for a model field of the wrong type or value."""
     if not isinstance(m["model_type"], str):
-        raise ValueError(f"{where}.model_type must be a string, got {_show(m['model_type'])}")
+        raise ValueError(f"{where}.model_type must be a string, got {show(m['model_type'])}")
     for name in _SHAPE_FIELDS:
-        if not _is_int(m[name]) or m[name] < 1:
-            raise ValueError(f"{where}.{name} must be a positive int, got {_show(m[name])}")
+        if not is_int(m[name]) or m[name] < 1:
+            raise ValueError(f"{where}.{name} must be a positive int, got {show(m[name])}")
     if m["num_heads"] % m["num_kv_heads"]:
         raise ValueError(f"{where}: num_heads {m['num_heads']} is not a multiple of num_kv_heads {m['num_kv_heads']}")
     if m.get("template") is not None:
@@ -106,7 +76,7 @@ def check_template_dict(t, where: str = "template") -> None:
     token ids, ``sinks_per_image`` >= 1 (1 when absent), and Template's own checks pass. Template alone would
     turn ``"5"`` or ``5.7`` into the id 5."""
     if not isinstance(t, dict):
-        raise ValueError(f"{where} must be an object with {list(_TEMPLATE_IDS)} and sinks_per_image, got {_show(t)}")
+        raise ValueError(f"{where} must be an object with {list(_TEMPLATE_IDS)} and sinks_per_image, got {show(t)}")
     for key in t:
         if key not in _TEMPLATE_IDS + ("sinks_per_image",):
             raise ValueError(f"{where}.{key} is not a template field")
@@ -114,13 +84,13 @@ def check_template_dict(t, where: str = "template") -> None:
         if name not in t:
             raise ValueError(f"{where}.{name} is missing")
         if not isinstance(t[name], (list, tuple)):
-            raise ValueError(f"{where}.{name} must be a list of token ids, got {_show(t[name])}")
+            raise ValueError(f"{where}.{name} must be a list of token ids, got {show(t[name])}")
         for i, v in enumerate(t[name]):
-            if not _is_int(v) or v < 0:
-                raise ValueError(f"{where}.{name}[{i}] must be a token id (an int >= 0), got {_show(v)}")
+            if not is_int(v) or v < 0:
+                raise ValueError(f"{where}.{name}[{i}] must be a token id (an int >= 0), got {show(v)}")
     sinks = t.get("sinks_per_image", 1)
-    if not _is_int(sinks) or sinks < 1:
-        raise ValueError(f"{where}.sinks_per_image must be an int >= 1, got {_show(sinks)}")
+    if not is_int(sinks) or sinks < 1:
+        raise ValueError(f"{where}.sinks_per_image must be an int >= 1, got {show(sinks)}")
     try:
         Template.from_dict(t)
     except ValueError as e:
@@ -142,28 +112,18 @@ class ModelInfo:
         _check_model_fields({f.name: getattr(self, f.name) for f in fields(self)}, "ModelInfo")
 
     @classmethod
-    def from_config(cls, config) -> "ModelInfo":
+    def from_config(cls, config) -> ModelInfo:
         """From a transformers config (VLM or text-only) or a model (its ``.config``)."""
         if isinstance(config, ModelInfo):
             return config
-        config = getattr(config, "config", config)
-        text = config.get_text_config() if hasattr(config, "get_text_config") else config
-        heads = text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        shape = hf.language_model_shape(config)
         try:
             template = Template.from_config(config).to_dict()
         except ValueError:
             template = None
-        return cls(
-            model_type=config.model_type,
-            num_layers=text.num_hidden_layers,
-            num_heads=heads,
-            num_kv_heads=getattr(text, "num_key_value_heads", None) or heads,
-            head_dim=head_dim,
-            template=template,
-        )
+        return cls(**shape, template=template)
 
-    def differences(self, other: "ModelInfo") -> list[str]:
+    def differences(self, other: ModelInfo) -> list[str]:
         return [
             f"{k}: profile has {getattr(self, k)!r}, model has {getattr(other, k)!r}"
             for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")
@@ -198,13 +158,13 @@ class Profile:
                 )
 
     @classmethod
-    def from_categories(cls, categories: Sequence[Sequence[Category | str]], model_or_config) -> "Profile":
+    def from_categories(cls, categories: Sequence[Sequence[Category | str]], model_or_config) -> Profile:
         """A hand-made profile: ``categories[layer][query_head]``, names or :class:`Category`."""
         info = ModelInfo.from_config(model_or_config)
         return cls(info, tuple(tuple(layer) for layer in categories), {"source": "hand-made"})
 
     @classmethod
-    def uniform(cls, category: Category | str, model_or_config) -> "Profile":
+    def uniform(cls, category: Category | str, model_or_config) -> Profile:
         info = ModelInfo.from_config(model_or_config)
         return cls.from_categories([[category] * info.num_heads] * info.num_layers, info)
 
@@ -221,6 +181,11 @@ class Profile:
             )
 
     # ---- queries --------------------------------------------------------------------------------
+    @property
+    def template(self) -> Template | None:
+        """The image template stored with the model (``model.template``), or None (a profile without one)."""
+        return None if self.model.template is None else Template.from_dict(self.model.template)
+
     def layer_categories(self, layer: int) -> tuple[Category, ...]:
         return self.categories[layer]
 
@@ -247,8 +212,6 @@ class Profile:
 
     # ---- calibration statistics ------------------------------------------------------------------
     def _recalls(self):
-        import torch
-
         if not self.scores or not self.scores.get("prompts"):
             raise ValueError("this profile has no calibration statistics (hand-made?): calibrate the model first")
         return torch.tensor([p["recall"] for p in self.scores["prompts"]], dtype=torch.float64)  # [P, L, H, 3]
@@ -256,20 +219,15 @@ class Profile:
     def recall(self, category: Category | str, quantile: float | None = None):
         """Aggregated recall ``[layers, heads]`` of a sparse category (quantile over prompts; default: the
         profile's own)."""
-        from .calibrate import SPARSE_CATEGORIES, aggregate_recall
-
         c = Category.parse(category)
         if c not in SPARSE_CATEGORIES:
             raise ValueError(f"recall is measured for {[x.json_name for x in SPARSE_CATEGORIES]}, not {c.json_name}")
         q = self.calibration.get("quantile", 0.0) if quantile is None else quantile
         return aggregate_recall(self._recalls(), q)[..., SPARSE_CATEGORIES.index(c)]
 
-    def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> "Profile":
+    def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> Profile:
         """A new profile decided from the stored per-prompt statistics (no model run). Unset arguments keep
         this profile's settings."""
-        from .calibrate import (aggregate_recall, check_dense_layers, check_quantile, decide_categories,
-                                normalize_thresholds)
-
         cal = dict(self.calibration)
         th = normalize_thresholds(cal.get("thresholds") if thresholds is None else thresholds)
         quantile = check_quantile(cal.get("quantile", 0.0) if quantile is None else quantile)
@@ -282,8 +240,6 @@ class Profile:
 
     # ---- file format ----------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        from . import __version__
-
         calibration = dict(self.calibration)
         calibration.setdefault("tool_version", __version__)
         return {
@@ -301,7 +257,7 @@ class Profile:
             f.write("\n")
 
     @classmethod
-    def from_dict(cls, d: Any, source: str = "profile") -> "Profile":
+    def from_dict(cls, d: Any, source: str = "profile") -> Profile:
         """A profile from its JSON object. Every field is checked (type, range, shape): a malformed one is a
         :class:`ProfileFormatError` that names it, never a coerced value or a later IndexError."""
         if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
@@ -313,8 +269,6 @@ class Profile:
             calibration = _calibration_settings(d.get("calibration"), model)
             scores = d.get("scores")
             if scores is not None:
-                from .calibrate import check_scores
-
                 check_scores(scores, model.num_layers, model.num_heads)
             return cls(model, categories, calibration, scores)
         except ProfileMismatchError as e:
@@ -325,7 +279,7 @@ class Profile:
             raise ProfileFormatError(f"{source}: malformed profile: {type(e).__name__}: {e}") from e
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Profile":
+    def load(cls, path: str | os.PathLike) -> Profile:
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
@@ -338,9 +292,29 @@ class Profile:
         return cls.from_dict(d, source=str(path))
 
 
+def check_template(template: Template, config, explicit: bool) -> None:
+    """Raise :class:`ProfileMismatchError` when the template's ids contradict the model's config."""
+    vocab = getattr(hf.text_config(config), "vocab_size", None)
+    ids = template.image_open_ids + template.image_close_ids + template.image_token_ids
+    where = "BackendOptions.template" if explicit else "the profile's template"
+    if isinstance(vocab, int) and any(i >= vocab or i < 0 for i in ids):
+        raise ProfileMismatchError(f"{where} uses token ids {sorted(ids)}, outside this model's vocabulary of "
+                                   f"{vocab}: it was made for another model")
+    try:
+        own = Template.from_config(config)
+    except (ValueError, AttributeError):
+        return  # the config does not name its image ids (text-only or unknown family)
+    for name in ("image_open_ids", "image_close_ids", "image_token_ids"):
+        if set(getattr(own, name)) != set(getattr(template, name)):
+            raise ProfileMismatchError(
+                f"{where} has {name}={list(getattr(template, name))}, but this {config.model_type!r} model's "
+                f"config names {list(getattr(own, name))}: calibrate this model (blindsight calibrate), or pass "
+                "the right BackendOptions(template=...)")
+
+
 def _check_version(version, source: str) -> None:
-    if not _is_int(version):  # 1.0 and true compare equal to 1 but are not what any BlindSight wrote
-        raise ProfileFormatError(f'{source}: "version" must be the integer {PROFILE_VERSION}, got {_show(version)}')
+    if not is_int(version):  # 1.0 and true compare equal to 1 but are not what any BlindSight wrote
+        raise ProfileFormatError(f'{source}: "version" must be the integer {PROFILE_VERSION}, got {show(version)}')
     if version != PROFILE_VERSION:
         raise ProfileFormatError(
             f"{source}: profile format version {version!r} is not supported (this BlindSight reads version "
@@ -352,7 +326,7 @@ def _model_fields(m) -> dict:
     """The file's ``model`` object, checked field by field (names as in the file: ``model.<field>``)."""
     names = [f.name for f in fields(ModelInfo)]
     if not isinstance(m, dict):
-        raise ValueError(f"model must be an object with {names}, got {_show(m)}")
+        raise ValueError(f"model must be an object with {names}, got {show(m)}")
     for key in m:
         if key not in names:
             raise ValueError(f"model.{key} is not a model field (fields: {names})")
@@ -366,12 +340,12 @@ def _model_fields(m) -> dict:
 def _file_categories(categories) -> tuple[tuple[str, ...], ...]:
     """``categories[layer][head]``: the JSON names only (a number or bool in a file is a mistake, not a code)."""
     if not isinstance(categories, list) or not all(isinstance(layer, list) for layer in categories):
-        raise ValueError(f"categories must be a list of layers, each a list of category names, got {_show(categories)}")
+        raise ValueError(f"categories must be a list of layers, each a list of category names, got {show(categories)}")
     names = [c.json_name for c in Category]
-    for l, layer in enumerate(categories):
+    for i, layer in enumerate(categories):
         for h, name in enumerate(layer):
             if not isinstance(name, str) or name not in names:
-                raise ValueError(f"categories[{l}][{h}]: unknown category {_show(name)}; expected one of {names}")
+                raise ValueError(f"categories[{i}][{h}]: unknown category {show(name)}; expected one of {names}")
     return tuple(tuple(layer) for layer in categories)
 
 
@@ -381,11 +355,9 @@ def _calibration_settings(calibration, model: ModelInfo) -> dict:
     if calibration is None:
         return {}
     if not isinstance(calibration, dict):
-        raise ValueError(f"calibration must be an object, got {_show(calibration)}")
+        raise ValueError(f"calibration must be an object, got {show(calibration)}")
     if not {"thresholds", "quantile", "dense_layers"} & calibration.keys():
-        return dict(calibration)  # hand-made: nothing to check (and no need to import the calibration code)
-    from .calibrate import check_dense_layers, check_quantile, normalize_thresholds
-
+        return dict(calibration)  # hand-made: nothing to check
     try:
         normalize_thresholds(calibration.get("thresholds"))
         check_quantile(calibration.get("quantile", 0.0))
@@ -393,3 +365,45 @@ def _calibration_settings(calibration, model: ModelInfo) -> dict:
     except ValueError as e:
         raise ValueError(f"calibration: {e}") from None
     return dict(calibration)
+
+
+def check_scores(scores, num_layers: int, num_heads: int) -> None:
+    """ValueError naming the field unless ``scores`` is what :func:`calibrate` stores: ``statistic`` "recall",
+    ``categories`` in SPARSE_CATEGORIES order (the order of each recall triple: another order would silently
+    swap categories), and ``prompts[i].recall`` of shape ``[num_layers][num_heads][3]`` with values in [0, 1]."""
+    if not isinstance(scores, Mapping):
+        raise ValueError(f"scores must be an object, got {type(scores).__name__}")
+    if scores.get("statistic") != "recall":
+        raise ValueError(f'scores.statistic must be "recall", got {scores.get("statistic")!r}')
+    expected = [c.json_name for c in SPARSE_CATEGORIES]
+    if scores.get("categories") != expected:
+        raise ValueError(f"scores.categories must be {expected} (the order of each stored recall triple), "
+                         f"got {scores.get('categories')!r}")
+    prompts = scores.get("prompts")
+    if not isinstance(prompts, list):
+        raise ValueError(f"scores.prompts must be a list, got {type(prompts).__name__}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, Mapping):
+            raise ValueError(f"scores.prompts[{i}] must be an object, got {type(prompt).__name__}")
+        if "recall" not in prompt:
+            raise ValueError(f"scores.prompts[{i}].recall is missing")
+        _check_recall(prompt["recall"], f"scores.prompts[{i}].recall", num_layers, num_heads)
+
+
+def _check_list(value, length: int, where: str, what: str) -> None:
+    if not isinstance(value, list) or len(value) != length:
+        got = f"{len(value)} entries" if isinstance(value, list) else type(value).__name__
+        raise ValueError(f"{where} must be a list of {length} {what}, got {got}")
+
+
+def _check_recall(recall, where: str, num_layers: int, num_heads: int) -> None:
+    """``recall[layer][head][category]``, by loops rather than a tensor so the message names the entry."""
+    names = [c.json_name for c in SPARSE_CATEGORIES]
+    _check_list(recall, num_layers, where, "layers")
+    for i, layer in enumerate(recall):
+        _check_list(layer, num_heads, f"{where}[{i}]", "heads")
+        for h, head in enumerate(layer):
+            _check_list(head, len(names), f"{where}[{i}][{h}]", f"recalls {names}")
+            for c, v in enumerate(head):
+                if not is_number(v) or not -RECALL_SLACK <= v <= 1 + RECALL_SLACK:  # NaN fails too
+                    raise ValueError(f"{where}[{i}][{h}][{c}] must be a recall in [0, 1], got {v!r}")

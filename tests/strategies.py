@@ -18,7 +18,8 @@ def rows(draw, template: Template, max_images=5):
     """One prompt's token ids: text runs and images in random order (images first/last, back to back)."""
     ids = []
     for _ in range(draw(st.integers(0, max_images))):
-        ids += [TEXT] * draw(st.sampled_from([0, 0, 1, 3, 16]) if template.has_delimiters else st.sampled_from([1, 3, 16]))
+        gaps = st.sampled_from([0, 0, 1, 3, 16]) if template.has_delimiters else st.sampled_from([1, 3, 16])
+        ids += [TEXT] * draw(gaps)
         n = draw(st.integers(1, 40))
         if template.has_delimiters:
             ids += [252] + [draw(st.sampled_from([250, 251]))] * n + [253]

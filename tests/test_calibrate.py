@@ -5,7 +5,9 @@ import torch
 
 import blindsight
 from blindsight import BaseMask, Category, Layout, Profile, Template, reference_mask
-from blindsight.calibrate import SPARSE_CATEGORIES, decide_categories, removed_mass
+from blindsight.calibrate import removed_mass
+from blindsight.categories import SPARSE_CATEGORIES, decide_categories
+
 from tiny_models import build, layout_of, prompt
 
 QWEN_SAMPLES = [([(4, 4), (2, 4)], [3, 2, 4]), ([(4, 6), (2, 4), (4, 4)], [1, 3, 2, 5]), ([(6, 8)], [2, 2])]
@@ -28,11 +30,11 @@ def brute_force_recall(model_eager, inp):
     rows = layout.image[0] >= 0
     H = maps[0].shape[1]
     out = torch.zeros(len(maps), H, len(SPARSE_CATEGORIES), dtype=torch.float64)
-    for l, p in enumerate(maps):
+    for layer, p in enumerate(maps):
         for i, c in enumerate(SPARSE_CATEGORIES):
             keep = reference_mask(layout, [c] * H, BaseMask(causal=False))[0]  # [H, S, S]
             removed = (p[0].double() * ~keep)[:, rows].sum(dim=(1, 2))
-            out[l, :, i] = 1 - removed / rows.sum()
+            out[layer, :, i] = 1 - removed / rows.sum()
     return out
 
 

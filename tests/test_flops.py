@@ -7,6 +7,7 @@ from transformers import Qwen2Config
 from blindsight import Category, Layout, ModelInfo, Profile, Template
 from blindsight.flops import attention_flops, prefill_flops
 from blindsight.masks import reference_mask
+
 from strategies import base_masks, layouts
 
 T = Template((252,), (253,), (250,), 1)

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 import blindsight
 from blindsight import Layout, LayoutError, ModelInfo, Profile, ProfileMismatchError, Template, blindsight_backend
 from blindsight.layout import layout_from_ids
+
 from strategies import DELIMITED, PAD, rows
-from test_backend import mixed_profile
-from tiny_models import build, reference_attention
+from tiny_models import build, mixed_profile, reference_attention
 
 TEMPLATE = Template((252,), (253,), (250, 251), 1)  # the tiny Qwen2-VL's ids (strategies.DELIMITED)
 
@@ -257,7 +257,8 @@ def test_recompile_limit_is_counted_and_warned():
     model = build("qwen2_vl")
     lm = model.model.language_model
     torch._dynamo.reset()
-    clm = torch.compile(lm, backend=blindsight_backend(mixed_profile(model), recompile_limit=None, only_if_faster=False), dynamic=False)
+    backend = blindsight_backend(mixed_profile(model), recompile_limit=None, only_if_faster=False)
+    clm = torch.compile(lm, backend=backend, dynamic=False)
     blindsight.reset_stats()
     try:
         with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):

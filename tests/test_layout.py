@@ -4,6 +4,7 @@ from hypothesis import given, settings
 from transformers import Gemma3Config, Qwen2_5_VLConfig, Qwen2VLConfig
 
 from blindsight import Layout, LayoutError, Template, input_ids_from_spec, parse_layout_spec
+
 from strategies import layouts
 
 Q = Template((252,), (253,), (250, 251), 1)

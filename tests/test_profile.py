@@ -28,7 +28,8 @@ def test_save_load_round_trip(tmp_path_factory, categories, as_name):
 
 
 def test_from_hf_config_reads_text_config():
-    cfg = Qwen2VLConfig(text_config=dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=64))
+    cfg = Qwen2VLConfig(text_config=dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         hidden_size=64))
     p = Profile.uniform("intra", cfg)
     assert (p.model.num_layers, p.model.num_heads, p.model.num_kv_heads, p.model.head_dim) == (2, 4, 2, 16)
     assert p.model.template["image_open_ids"] == [cfg.vision_start_token_id]

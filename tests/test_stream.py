@@ -18,8 +18,8 @@ import torch
 
 import blindsight
 from blindsight import blindsight_backend
-from test_backend import mixed_profile
-from tiny_models import batch, build, layout_of, prompt, reference_attention
+
+from tiny_models import batch, build, layout_of, mixed_profile, prompt, reference_attention
 
 GRIDS = [(2, 4), (4, 4), (4, 6), (4, 8), (8, 4), (6, 6), (2, 2)]
 
@@ -29,7 +29,7 @@ def stream(name: str, n: int, seed: int = 0) -> list[dict]:
     rng = random.Random(seed)
     out = []
     for i in range(n):
-        def one(j):
+        def one(j, i=i):
             k = rng.randint(1, 5 if name == "gemma3" else 4)
             images = [0] * k if name == "gemma3" else [rng.choice(GRIDS) for _ in range(k)]
             return prompt(name, images, [rng.randint(1, 6) for _ in range(k + 1)], seed=100 * i + j)

@@ -1,13 +1,14 @@
-"""Tiny random-weight VLMs from transformers configs (DESIGN.md §8) and multi-image prompts for them."""
+"""Tiny random-weight VLMs from transformers configs (they build and run on CPU, offline) and multi-image prompts."""
 
 from __future__ import annotations
 
 import contextlib
+import random
 import re
 
 import torch
 
-from blindsight import BaseMask, Layout, Profile, Template, reference_mask
+from blindsight import BaseMask, Category, Layout, ModelInfo, Profile, Template, reference_mask
 
 QWEN_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, bos_token_id=254, eos_token_id=255, pad_token_id=0,
@@ -18,19 +19,22 @@ QWEN_IDS = dict(image_token_id=250, video_token_id=251, vision_start_token_id=25
 def build(name: str, attn_implementation: str = "sdpa"):
     torch.manual_seed(0)
     if name == "qwen2_vl":
-        from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration as M
+        from transformers import Qwen2VLConfig
+        from transformers import Qwen2VLForConditionalGeneration as M
 
         cfg = Qwen2VLConfig(text_config=dict(QWEN_TEXT), vision_config=dict(
             depth=2, embed_dim=32, hidden_size=64, num_heads=2, mlp_ratio=2, patch_size=14, spatial_merge_size=2,
             temporal_patch_size=2), **QWEN_IDS)
     elif name == "qwen2_5_vl":
-        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration as M
+        from transformers import Qwen2_5_VLConfig
+        from transformers import Qwen2_5_VLForConditionalGeneration as M
 
         cfg = Qwen2_5_VLConfig(text_config=dict(QWEN_TEXT), vision_config=dict(
             depth=2, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, patch_size=14,
             spatial_merge_size=2, temporal_patch_size=2, window_size=56, fullatt_block_indexes=[1]), **QWEN_IDS)
     elif name == "gemma3":
-        from transformers import Gemma3Config, Gemma3ForConditionalGeneration as M
+        from transformers import Gemma3Config
+        from transformers import Gemma3ForConditionalGeneration as M
 
         cfg = Gemma3Config(
             text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -155,3 +159,15 @@ def save_tiny_gemma3_processor(path) -> None:
                               "eoi_token": "<end_of_image>"})
     Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
                     image_seq_length=4).save_pretrained(path)
+
+
+def mixed_profile(model, seed=0):
+    """Every layer gets every category, in a random head order."""
+    rng = random.Random(seed)
+    info = ModelInfo.from_config(model)
+    layers = []
+    for _ in range(info.num_layers):
+        heads = [Category(i % 4) for i in range(info.num_heads)]
+        rng.shuffle(heads)
+        layers.append(heads)
+    return Profile.from_categories(layers, model)

@@ -1,8 +1,10 @@
-"""The compiler pass: site discovery, the rewrite, and the run time of ``blindsight_backend``."""
+"""The compiler pass: site discovery (:mod:`.sites`), the rewrite (:mod:`.rewrite`) and the run time
+(:mod:`.runtime`) of ``blindsight_backend``; its options (:mod:`.options`)."""
 
 from .options import BackendOptions
-from .runtime import BlindSightBackend, blindsight_backend
-from .sites import UnsupportedAttentionError, find_sites, language_model_layer, not_sdpa_message
+from .rewrite import rewrite_sites
+from .runtime import BlindSightBackend, GraphRunner, blindsight_backend
+from .sites import Site, SiteScan, find_sites
 
-__all__ = ["BackendOptions", "BlindSightBackend", "blindsight_backend", "UnsupportedAttentionError", "find_sites",
-           "language_model_layer", "not_sdpa_message"]
+__all__ = ["BackendOptions", "BlindSightBackend", "GraphRunner", "blindsight_backend", "Site", "SiteScan",
+           "find_sites", "rewrite_sites"]

@@ -45,14 +45,16 @@ class BackendOptions:
 
     def __post_init__(self):
         if self.template is not None and not isinstance(self.template, Template):
-            raise TypeError(f"BackendOptions.template must be a blindsight.Template, got {type(self.template).__name__}")
+            raise TypeError("BackendOptions.template must be a blindsight.Template, got "
+                            f"{type(self.template).__name__}")
         if not isinstance(self.block_size, int) or self.block_size < 16 or self.block_size & (self.block_size - 1):
             raise ValueError(f"BackendOptions.block_size must be a power of two >= 16, got {self.block_size!r}")
         if not isinstance(self.lowering, str):
             raise ValueError(f"BackendOptions.lowering must be a string, got {self.lowering!r}")
         resolve_lowering(self.lowering, "cpu")  # raises for an unknown name
         if self.recompile_limit is not None and (type(self.recompile_limit) is not int or self.recompile_limit < 1):
-            raise ValueError(f"BackendOptions.recompile_limit must be a positive int or None, got {self.recompile_limit!r}")
+            raise ValueError("BackendOptions.recompile_limit must be a positive int or None, got "
+                             f"{self.recompile_limit!r}")
         for name in ("warn_on_fallback", "compile_dense", "only_if_faster"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"BackendOptions.{name} must be a bool, got {getattr(self, name)!r}")

@@ -22,9 +22,9 @@ import logging
 
 import torch
 
-from ..layout import Template, prompt_layout
+from ..layout import prompt_layout
 from ..lowering import calls_use
-from ..profile import ModelInfo, Profile, ProfileMismatchError
+from ..profile import ModelInfo, Profile, check_template
 from ..stats import count, record_fallback
 from .options import BackendOptions
 from .rewrite import rewrite_sites
@@ -44,7 +44,7 @@ def _placeholder_index(gm: torch.fx.GraphModule, word: str) -> int | None:
 class GraphRunner:
     """The callable Dynamo gets for one graph: sets the layout for its ops and counts the dense calls."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: "BlindSightBackend"):
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: BlindSightBackend):
         options = backend.options
         self.backend, self.options = backend, options
         self.scan = find_sites(gm, backend.profile)
@@ -101,27 +101,6 @@ def _compiled_module():
         return None
 
 
-def check_template(template: Template, config, explicit: bool) -> None:
-    """Raise :class:`ProfileMismatchError` when the template's ids contradict the model's config."""
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    vocab = getattr(text, "vocab_size", None)
-    ids = template.image_open_ids + template.image_close_ids + template.image_token_ids
-    where = "BackendOptions.template" if explicit else "the profile's template"
-    if isinstance(vocab, int) and any(i >= vocab or i < 0 for i in ids):
-        raise ProfileMismatchError(f"{where} uses token ids {sorted(ids)}, outside this model's vocabulary of "
-                                   f"{vocab}: it was made for another model")
-    try:
-        own = Template.from_config(config)
-    except (ValueError, AttributeError):
-        return  # the config does not name its image ids (text-only or unknown family)
-    for name in ("image_open_ids", "image_close_ids", "image_token_ids"):
-        if set(getattr(own, name)) != set(getattr(template, name)):
-            raise ProfileMismatchError(
-                f"{where} has {name}={list(getattr(template, name))}, but this {config.model_type!r} model's "
-                f"config names {list(getattr(own, name))}: calibrate this model (blindsight calibrate), or pass "
-                "the right BackendOptions(template=...)")
-
-
 class BlindSightBackend:
     """The Dynamo backend object :func:`blindsight_backend` returns; one per ``torch.compile`` call.
 
@@ -132,9 +111,7 @@ class BlindSightBackend:
 
     def __init__(self, profile: Profile, options: BackendOptions):
         self.profile, self.options = profile, options
-        self.template = options.template
-        if self.template is None and profile.model.template is not None:
-            self.template = Template.from_dict(profile.model.template)
+        self.template = options.template if options.template is not None else profile.template
         self._checked: set = set()
         _watch_recompile_limit()
         limit = options.recompile_limit

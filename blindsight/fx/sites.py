@@ -16,18 +16,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx
 
+from ..hf import UnsupportedAttentionError, language_model_layer, not_sdpa_message
 from ..profile import Profile, ProfileMismatchError
 
-__all__ = ["Site", "SiteScan", "find_sites", "language_model_layer", "language_model_sdpa_nodes", "sdpa_args",
-           "UnsupportedAttentionError", "not_sdpa_message", "SDPA_TARGETS"]
+__all__ = ["Site", "SiteScan", "find_sites", "language_model_sdpa_nodes", "sdpa_args", "node_value", "module_path",
+           "SDPA_TARGETS"]
 
 SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
-_LAYER = re.compile(r"(?:^|\.)layers[.\[](\d+)\]?\.self_attn$")
-_VISION = re.compile(r"vision|visual", re.IGNORECASE)
-
-
-class UnsupportedAttentionError(RuntimeError):
-    """The language model's attention does not go through scaled_dot_product_attention."""
 
 
 @dataclass
@@ -54,16 +49,6 @@ def module_path(node: torch.fx.Node) -> str:
     path = re.sub(r"^L\['self'\]\.?", "", path)
     path = re.sub(r"\._modules\['([^']+)'\]", r".\1", path)
     return re.sub(r"\[(\d+)\]", r".\1", path)
-
-
-def language_model_layer(path: str) -> int | None:
-    """Decoder-layer index of a language-model attention module path (``...layers.7.self_attn``), else None.
-
-    Vision modules (any path component mentioning vision/visual) never match. Shared by the compiler pass
-    (Dynamo's ``nn_module_stack`` paths) and calibration (``named_modules`` names).
-    """
-    m = _LAYER.search(path) if path and not _VISION.search(path) else None
-    return int(m.group(1)) if m else None
 
 
 def sdpa_args(node: torch.fx.Node) -> dict:
@@ -103,14 +88,6 @@ def language_model_sdpa_nodes(gm: torch.fx.GraphModule) -> tuple[list[tuple[torc
     if lm_attention_modules and not found:
         raise UnsupportedAttentionError(not_sdpa_message(sorted(lm_attention_modules)[0]))
     return found, others
-
-
-def not_sdpa_message(module: str) -> str:
-    return (
-        f"the language model's attention ({module}, ...) does not call scaled_dot_product_attention, so "
-        'BlindSight cannot use it. Load the model with attn_implementation="sdpa" '
-        '(e.g. from_pretrained(..., attn_implementation="sdpa")).'
-    )
 
 
 def check_site_shape(profile: Profile, layer: int, q, k) -> None:

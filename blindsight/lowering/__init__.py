@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..categories import Category
 from ..layout import Layout
-from ..profile import Category
 from ..stats import count, record_fallback
 from .cost import KernelRates, Work, kernel_rates, sparse_pays
 from .flex import flex_sparse_attention, flex_work, measure_flex_rates

@@ -10,7 +10,8 @@ sparse, :func:`sparse_pays` compares two predictions in seconds, built from the 
 
 The rates (:class:`KernelRates`) are measured once per process, lowering, device, dtype and head size, at the
 first call that needs them, by timing a few kernel calls and the lowering itself on a small prompt (tens of
-milliseconds on CPU); nothing is a constant tuned on one machine. A call predicted not to gain runs dense (exact anyway) and is counted as
+milliseconds on CPU); nothing is a constant tuned on one machine. A call predicted not to gain runs dense
+(exact anyway) and is counted as
 ``fallback.not_faster``. ``BackendOptions(only_if_faster=False)`` skips the check.
 """
 

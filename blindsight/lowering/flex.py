@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from ..categories import Category
 from ..layout import Layout
-from ..masks import BaseMask, build_block_mask, category_tiles
-from ..profile import Category
+from ..masks import BaseMask, build_block_mask
+from ..masks.block import category_tiles
 from .cost import KernelRates, Work, best_seconds
 from .segments import is_plain_causal
 
@@ -59,14 +60,16 @@ def measure_flex_rates(dtype: torch.dtype, head_dim: int, device: torch.device |
     device = device or torch.device("cuda")
     S, H = 2048, 8
     q = torch.randn(1, H, S, head_dim, device=device, dtype=dtype)
-    dense = best_seconds(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device) / (H * S * (S + 1) / 2)
+    dense = best_seconds(lambda: F.scaled_dot_product_attention(q, q, q, is_causal=True), device)
+    dense /= H * S * (S + 1) / 2
     mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, 1, 1, S, S, device=device)
-    tiles = int((mask.kv_num_blocks.sum() + (mask.full_kv_num_blocks.sum() if mask.full_kv_num_blocks is not None
-                                              else 0)))
+    tiles = int(mask.kv_num_blocks.sum() + (mask.full_kv_num_blocks.sum() if mask.full_kv_num_blocks is not None
+                                              else 0))
     kernel = _kernel(device)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
-        flex = best_seconds(lambda: kernel(q, q, q, block_mask=mask), device) / (H * tiles * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1])
+        flex = best_seconds(lambda: kernel(q, q, q, block_mask=mask), device)
+    flex /= H * tiles * mask.BLOCK_SIZE[0] * mask.BLOCK_SIZE[1]
     tiny = q[:, :1, :16]
     call = best_seconds(lambda: F.scaled_dot_product_attention(tiny, tiny, tiny), device, repeat=20)
     return KernelRates(dense, flex, call)

@@ -24,23 +24,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..profile import Category
+from ..categories import Category
+from ..layout import image_segments
 from .cost import KernelRates, Work, best_seconds, predicted_seconds
 
 __all__ = ["segment_attention", "segment_work", "measure_segment_rates", "layout_plan", "is_plain_causal"]
-
-
-def _segments(img: torch.Tensor) -> list[tuple[int, int, int]]:
-    """(image id, start, end) of each image segment of one row (segments are contiguous by definition)."""
-    pos = (img >= 0).nonzero().flatten()
-    if pos.numel() == 0:
-        return []
-    ids = img[pos]
-    starts = torch.ones_like(ids, dtype=torch.bool)
-    starts[1:] = ids[1:] != ids[:-1]
-    ends = torch.ones_like(starts)
-    ends[:-1] = starts[1:]
-    return list(zip(ids[starts].tolist(), pos[starts].tolist(), (pos[ends] + 1).tolist()))
 
 
 def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows, keys, is_causal: bool):
@@ -207,7 +195,8 @@ def _text_plan(text: torch.Tensor, dtype, heads: int) -> _TextPlan:
     for lo, hi in _chunks(counts, n, _flash_cost(heads)):
         r0, r1, nk = breaks[lo], breaks[hi], n[hi - 1]
         keep = torch.arange(nk, device=text.device)[None, :] <= text[r0:r1, None]
-        mask = None if bool(keep.all()) else torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill_(~keep, float("-inf"))
+        mask = None if bool(keep.all()) else torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill_(
+            ~keep, float("-inf"))
         chunks.append((r0, r1, nk, mask))
     return _TextPlan(text, chunks)
 
@@ -218,7 +207,7 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
     with_sinks = torch.sort(torch.cat([text, snk.nonzero().flatten()])).values
     keys = {c: text if c == Category.INTRA else with_sinks for c in cats}
     runs: list = []
-    for _, s0, s1 in _segments(img):
+    for _, s0, s1 in image_segments(img):
         ns = int(snk[s0:s1].sum())
         if not bool(snk[s0:s0 + ns].all()):
             return None
@@ -237,9 +226,15 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
             height = 32 * -(-L // (32 * P))  # whole query blocks of the kernel
             parts = [(r, min(L, r + height)) for r in range(0, L, height)]
             chunks = []
-            for lo, hi in _chunks([L] * len(n), n, lambda rows, keys: rows * keys + (len(parts) - 1) * _CALL_COST):
+            extra_calls = (len(parts) - 1) * _CALL_COST  # a chunk makes one call per part
+
+            def cost(rows, keys, extra=extra_calls):
+                return rows * keys + extra
+
+            for lo, hi in _chunks([L] * len(n), n, cost):
                 nk, m = n[hi - 1], hi - lo
-                index = torch.cat([keys[c][:nk].expand(m, nk), starts[lo:hi, None] + torch.arange(own, device=img.device)], 1)
+                own_keys = starts[lo:hi, None] + torch.arange(own, device=img.device)
+                index = torch.cat([keys[c][:nk].expand(m, nk), own_keys], 1)
                 kept = torch.arange(nk, device=img.device)[None, :] < starts.new_tensor(n[lo:hi])[:, None]
                 # a part's rows never keep own keys after its last row: left out of its call
                 calls = [(r0, r1, nk + (own if c == Category.SINK else r1)) for r0, r1 in parts]
@@ -255,7 +250,8 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
 
 
 def _chunk_mask(kept: torch.Tensor, own: int, L: int, dtype) -> torch.Tensor:
-    """Float mask ``[m, 1, L, nk + own]`` of a segment chunk: its prefix keys (``kept [m, nk]``), then own keys, causal."""
+    """Float mask ``[m, 1, L, nk + own]`` of a segment chunk: its prefix keys (``kept [m, nk]``), then own keys,
+    causal."""
     m, nk = kept.shape
     tri = torch.arange(own, device=kept.device)[None, :] <= torch.arange(L, device=kept.device)[:, None]
     keep = torch.cat([kept[:, None, :].expand(m, L, nk), tri.expand(m, L, own)], -1)
@@ -421,7 +417,6 @@ def _strided_pieces(x: torch.Tensor, step: int, L: int) -> torch.Tensor:
 
 def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: float) -> bool:
     """Causal attention of batch row b, every head, written into ``out``; False if the layout needs the general path."""
-    S = q.shape[2]
     cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
     plan = _cached_plan(img, snk, cats, q.dtype) if cats and bool((img >= 0).any()) else None
     if cats and plan is None and bool((img >= 0).any()):
@@ -492,7 +487,7 @@ def _causal_work(plan: _Plan, heads: list[int], rep: int, S: int) -> Work:
 def _general_work(img: torch.Tensor, snk: torch.Tensor, heads: list[int], causal: bool) -> Work:
     """The general path's calls (a mask, or sinks that do not open their segment), counted roughly."""
     S = img.numel()
-    segments = _segments(img)
+    segments = image_segments(img)
     text, sinks = int((img < 0).sum()), int(snk.sum())
     work = Work()
     n_dense = sum(c == Category.DENSE for c in heads)
@@ -565,10 +560,11 @@ def segment_attention(
         if mask_b is None and causal_b and q.device.type == "cpu" and _causal_row(q, k, v, out, b, img, snk,
                                                                                    heads, rep, scale):
             continue
-        segments = _segments(img)
+        segments = image_segments(img)
         text_rows = (img < 0).nonzero().flatten()
         sinks = snk.nonzero().flatten()
-        dense_heads = torch.arange(H, device=q.device) if not segments else (heads_t == Category.DENSE).nonzero().flatten()
+        dense_heads = (torch.arange(H, device=q.device) if not segments
+                       else (heads_t == Category.DENSE).nonzero().flatten())
         for hs, rows in ((dense_heads, None), (sparse_heads if segments else dense_heads[:0], text_rows)):
             # dense heads: every row; text rows of sparse heads: every key (text queries keep all pairs)
             if hs.numel() == 0 or (rows is not None and rows.numel() == 0):

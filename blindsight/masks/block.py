@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import hashlib
 from collections import OrderedDict
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..categories import Category
 from ..layout import Layout
-from ..profile import Category
 from ..stats import count
 from .mask_mods import BaseMask, generate_blindsight_mask_mod
 
@@ -139,7 +139,8 @@ def category_tiles(layout: Layout, base: BaseMask | None = None, block_size=128)
     """
     base = base if base is not None else BaseMask()
     block = _block(block_size)
-    key = (layout.key, block, base.causal, base.sliding_window, _digest(base.key_padding), _digest(base.bidirectional_groups))
+    key = (layout.key, block, base.causal, base.sliding_window, _digest(base.key_padding),
+           _digest(base.bidirectional_groups))
     hit = _CACHE.get(key)
     if hit is not None:
         _CACHE.move_to_end(key)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention.flex_attention import and_masks, or_masks
 
-from ..profile import Category
+from ..categories import Category
 
 __all__ = [
     "BaseMask",
@@ -173,14 +173,16 @@ class BaseMask:
                 raise ValueError(f"BaseMask: sliding_window must be >= 1, got {self.sliding_window}")
         if self.tensor is not None:
             if self.tensor.dtype != torch.bool or self.tensor.dim() != 4:
-                raise ValueError(f"BaseMask.tensor must be a bool [B, H, Q, KV] tensor, got {self.tensor.dtype} {tuple(self.tensor.shape)}")
-            if self.causal or self.sliding_window is not None or self.bidirectional_groups is not None or self.key_padding is not None:
+                raise ValueError("BaseMask.tensor must be a bool [B, H, Q, KV] tensor, got "
+                                 f"{self.tensor.dtype} {tuple(self.tensor.shape)}")
+            if (self.causal or self.sliding_window is not None or self.bidirectional_groups is not None
+                    or self.key_padding is not None):
                 raise ValueError("BaseMask.tensor is the whole base mask: use BaseMask.from_tensor(mask)")
         if self.key_padding is not None:
             object.__setattr__(self, "key_padding", self.key_padding.bool())
 
     @classmethod
-    def from_tensor(cls, mask: torch.Tensor) -> "BaseMask":
+    def from_tensor(cls, mask: torch.Tensor) -> BaseMask:
         return cls(causal=False, tensor=mask)
 
     @property
@@ -211,7 +213,9 @@ class BaseMask:
         return _named(and_masks(*parts), "base")
 
 
-def generate_blindsight_mask_mod(image: torch.Tensor, sink: torch.Tensor, head_categories: torch.Tensor, base: BaseMask):
+def generate_blindsight_mask_mod(image: torch.Tensor, sink: torch.Tensor, head_categories: torch.Tensor,
+                                 base: BaseMask):
     """base AND per-head category: the complete mask of one attention call (``image``/``sink``: ``[B, S]``)."""
-    mod = and_masks(base.mask_mod(image.shape[0], head_categories.shape[0]), generate_head_category_mask_mod(image, sink, head_categories))
+    mod = and_masks(base.mask_mod(image.shape[0], head_categories.shape[0]),
+                    generate_head_category_mask_mod(image, sink, head_categories))
     return _named(mod, "blindsight")

@@ -5,18 +5,19 @@ Deliberately independent of the mask_mods and of the block-mask builder: no shar
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from ..categories import Category
 from ..layout import Layout
-from ..profile import Category
 from .mask_mods import BaseMask
 
 __all__ = ["reference_base_mask", "reference_mask"]
 
 
-def reference_base_mask(base: BaseMask, batch_size: int, seq_len: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+def reference_base_mask(base: BaseMask, batch_size: int, seq_len: int,
+                        rows: torch.Tensor | None = None) -> torch.Tensor:
     """bool ``[B, 1 or H, R, S]`` of the model's own mask, for query ``rows`` (default: all S)."""
     rows = torch.arange(seq_len) if rows is None else rows
     q = rows[:, None]

@@ -20,7 +20,8 @@ from transformers import BatchFeature, PreTrainedTokenizerFast
 
 __all__ = ["ShapesProcessor", "SPECIAL_TOKENS", "PROCESSOR_FILE"]
 
-SPECIAL_TOKENS = ["<pad>", "<unk>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+SPECIAL_TOKENS = ["<pad>", "<unk>", "<|endoftext|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+                  "<|video_pad|>"]
 PROCESSOR_FILE = "blindsight_processor.json"  # marks a directory whose processor is this class
 IMAGE_TEXT = "<|vision_start|><|image_pad|><|vision_end|>"
 
@@ -29,7 +30,8 @@ def _image_processor(size: int, patch_size: int, merge_size: int, temporal_patch
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     pixels = size * size  # images are resized to exactly this many pixels (square images keep their size)
-    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size, temporal_patch_size=temporal_patch_size,
+    return Qwen2VLImageProcessorPil(patch_size=patch_size, merge_size=merge_size,
+                                    temporal_patch_size=temporal_patch_size,
                                     size={"shortest_edge": pixels, "longest_edge": pixels})
 
 
@@ -45,7 +47,8 @@ class ShapesProcessor:
         self.merge = image_processor.merge_size
 
     @classmethod
-    def build(cls, words: list[str], image_size: int, patch_size: int, merge_size: int = 2, temporal_patch_size: int = 2):
+    def build(cls, words: list[str], image_size: int, patch_size: int, merge_size: int = 2,
+              temporal_patch_size: int = 2):
         from tokenizers import Tokenizer, models, pre_tokenizers
 
         vocab = {w: i for i, w in enumerate(SPECIAL_TOKENS + [w for w in words if w not in SPECIAL_TOKENS])}
@@ -70,12 +73,13 @@ class ShapesProcessor:
             json.dump({"processor_class": "blindsight.zoo.ShapesProcessor", "image_size": self.image_size}, f, indent=1)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike) -> "ShapesProcessor":
+    def from_pretrained(cls, path: str | os.PathLike) -> ShapesProcessor:
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
         marker = os.path.join(path, PROCESSOR_FILE)
         if not os.path.isfile(marker):
-            raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE}; not a directory saved by ShapesProcessor.save_pretrained")
+            raise FileNotFoundError(f"{path}: no {PROCESSOR_FILE}; not a directory saved by "
+                                    "ShapesProcessor.save_pretrained")
         with open(marker) as f:
             meta = json.load(f)
         return cls(PreTrainedTokenizerFast.from_pretrained(path), Qwen2VLImageProcessorPil.from_pretrained(path),
@@ -101,7 +105,8 @@ class ShapesProcessor:
             for p in parts[1:]:
                 s += " " + " ".join(["<|image_pad|>"] * per_image[k]) + " " + p
                 k += 1
-            expanded.append(s.replace("<|vision_start|>", " <|vision_start|> ").replace("<|vision_end|>", " <|vision_end|> "))
+            expanded.append(s.replace("<|vision_start|>", " <|vision_start|> ")
+                            .replace("<|vision_end|>", " <|vision_end|> "))
         enc = self.tokenizer(expanded, padding=True, return_tensors="pt")
         if (enc["input_ids"] == self.tokenizer.unk_token_id).any():
             unknown = sorted({w for t in expanded for w in t.split() if w not in self.tokenizer.get_vocab()})

@@ -1,7 +1,8 @@
 """Synthetic multi-image question answering: shapes drawn on small images, questions whose answers need several.
 
 Every image holds one shape (circle, square, triangle or cross) of one colour at a random place and size. A
-prompt shows 2-8 images, each followed by a text label (``<image> image 3 :``), then one question; every answer is one word:
+prompt shows 2-8 images, each followed by a text label (``<image> image 3 :``), then one question; every answer is one
+word:
 - ``find``: "which image shows a red circle ?" -> the only image holding that colour and shape ("1".."8");
 - ``count``: "how many images show red shapes ?" / "how many images show a circle ?" -> "0".."8";
 - ``same``: "do image 2 and 5 match ?" -> "yes" when both hold the same colour and shape (place and size differ);
@@ -57,7 +58,8 @@ def render(color: str, shape: str, rng: np.random.Generator, size: int = IMAGE_S
     return img
 
 
-def _question(task: str, items: list[tuple[str, str]], rng: np.random.Generator) -> tuple[list[tuple[str, str]], str, str]:
+def _question(task: str, items: list[tuple[str, str]],
+              rng: np.random.Generator) -> tuple[list[tuple[str, str]], str, str]:
     """(possibly adjusted items, question, answer) for one task over the images' (colour, shape) items."""
     n = len(items)
     colors, shapes = list(COLORS), list(SHAPES)
@@ -107,7 +109,8 @@ def _other(item, rng):
 
 
 def _draw_task(rng: np.random.Generator, task_weights=None) -> str:
-    """A task, uniform over :data:`TASKS` (the held-out splits) or with ``task_weights`` (one per task, for training)."""
+    """A task, uniform over :data:`TASKS` (the held-out splits) or with ``task_weights`` (one per task, for
+    training)."""
     if task_weights is None:
         return TASKS[rng.integers(len(TASKS))]
     return TASKS[rng.choice(len(TASKS), p=np.asarray(task_weights, dtype=float) / np.sum(task_weights))]
@@ -167,7 +170,8 @@ def make_record(rng: np.random.Generator, num_images: int, task: str | None = No
             "items": items}
 
 
-def make_records(split: str, num: int, *, min_images: int = 2, max_images: int = 8, seed: int | None = None) -> list[dict]:
+def make_records(split: str, num: int, *, min_images: int = 2, max_images: int = 8,
+                 seed: int | None = None) -> list[dict]:
     """``num`` records of a split (its own fixed seed unless ``seed`` is given), 2-8 images each by default."""
     if split not in SPLITS and seed is None:
         raise ValueError(f"unknown split {split!r}; known: {sorted(SPLITS)} (or pass seed=)")
@@ -189,7 +193,8 @@ def write_jsonl(records: list[dict], path: str | os.PathLike) -> str:
                 name = os.path.join(os.path.basename(folder), f"{n:05d}-{i}.png")
                 img.save(os.path.join(os.path.dirname(os.path.abspath(path)), name))
                 names.append(name)
-            f.write(json.dumps({"images": names, "text": rec["text"], "answer": rec["answer"], "task": rec["task"]}) + "\n")
+            line = {"images": names, "text": rec["text"], "answer": rec["answer"], "task": rec["task"]}
+            f.write(json.dumps(line) + "\n")
     return path
 
 

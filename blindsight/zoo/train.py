@@ -174,7 +174,8 @@ def question_targets(asked: list[tuple[int, str]]) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def attention_targets(processor: ShapesProcessor, inputs: dict, records: list[dict], where, asked: list[tuple[int, str]]):
+def attention_targets(processor: ShapesProcessor, inputs: dict, records: list[dict], where,
+                      asked: list[tuple[int, str]]):
     """Where the answer rows should look: three lists (find, count, by number) of (row, answer position, key
     positions), one per kind of look-up.
 
@@ -257,8 +258,10 @@ def pretrain_vision(model, processor: ShapesProcessor, steps: int, rng: np.rando
         tokens = getattr(out, "pooler_output", out)  # merged tokens, images one after another
         logits = heads(tokens.reshape(batch_size, -1, tokens.shape[-1]))  # [images, tokens, colours + shapes]
         per_image = logits.shape[1]
-        loss = (torch.nn.functional.cross_entropy(logits[..., : len(COLORS)].flatten(0, 1), torch.as_tensor(c).repeat_interleave(per_image))
-                + torch.nn.functional.cross_entropy(logits[..., len(COLORS):].flatten(0, 1), torch.as_tensor(sh).repeat_interleave(per_image)))
+        colour_loss = torch.nn.functional.cross_entropy(logits[..., : len(COLORS)].flatten(0, 1),
+                                                        torch.as_tensor(c).repeat_interleave(per_image))
+        loss = (colour_loss + torch.nn.functional.cross_entropy(logits[..., len(COLORS):].flatten(0, 1),
+                                                                torch.as_tensor(sh).repeat_interleave(per_image)))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -280,7 +283,8 @@ def cross_image_attention(attentions, image: torch.Tensor) -> torch.Tensor:
 
 
 def train(out: str | None, steps: int = 1800, batch_size: int = 16, lr: float = 1e-3, seed: int = 0,
-          min_images: int = 2, max_images: int = 8, follow_ups: int = 8, curriculum: float = 0.5, aux_weight: float = 0.5,
+          min_images: int = 2, max_images: int = 8, follow_ups: int = 8, curriculum: float = 0.5,
+          aux_weight: float = 0.5,
           vision_steps: int = 2500, aux_layer: int = 1, locality: float = 0.1, guide: float = 1.0, guide_layer: int = 2,
           task_weights=TRAIN_TASK_WEIGHTS, freeze_vision: bool = True, model=None, processor=None,
           progress: bool = True, log_every: int = 50) -> tuple[object, ShapesProcessor, list[float]]:
@@ -439,7 +443,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--vision-steps", type=int, default=2500, help="steps of vision-tower pre-training (stage 1)")
     p.add_argument("--locality", type=float, default=0.1, help="weight of the cross-image attention penalty (0: none)")
-    p.add_argument("--train-vision", action="store_true", help="keep training the vision tower in stage 2 (default: frozen)")
+    p.add_argument("--train-vision", action="store_true",
+                   help="keep training the vision tower in stage 2 (default: frozen)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     torch.manual_seed(args.seed)

@@ -14,8 +14,8 @@ from blindsight import BaseMask, Category, Layout, Template, blindsight_backend,
 from blindsight.lowering import predicted_work, sparse_attention
 from blindsight.lowering.cost import KernelRates, clear_rates, kernel_rates, predicted_seconds
 from blindsight.lowering.segments import measure_segment_rates
-from test_backend import mixed_profile
-from tiny_models import build, prompt
+
+from tiny_models import build, mixed_profile, prompt
 
 TEMPLATE = Template((252,), (253,), (250,), 1)
 SHORT = [([(4, 4), (2, 4)], [3, 2, 4]), ([(4, 6), (2, 2), (4, 4)], [1, 4, 2, 5])]
@@ -43,7 +43,7 @@ def test_short_prompt_runs_dense_counted_and_exact(path):
         inp = prompt("qwen2_vl", images, texts)
         blindsight.reset_stats()
         with torch.no_grad():
-            got = _run_quietly(lambda: run(**inp).logits)
+            got = _run_quietly(lambda inp=inp: run(**inp).logits)
             ref = ref_model(**inp).logits
         s = blindsight.stats()
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

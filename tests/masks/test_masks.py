@@ -13,9 +13,10 @@ from blindsight.masks import (
     clear_block_mask_cache,
     generate_blindsight_mask_mod,
     generate_category_mask_mod,
-    reference_base_mask,
     reference_mask,
 )
+from blindsight.masks.reference import reference_base_mask
+
 from strategies import base_masks, categories_st, layouts
 
 BLOCKS = st.sampled_from([16, 32, (16, 32), (32, 16), 128])
@@ -33,7 +34,8 @@ def test_mask_mod_equals_reference(data):
     cats = data.draw(st.lists(categories_st, min_size=1, max_size=6))
     base = data.draw(base_masks(layout, am, len(cats)))
     B, S = layout.image.shape
-    got = create_mask(generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base), B, len(cats), S, S, "cpu")
+    mod = generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base)
+    got = create_mask(mod, B, len(cats), S, S, "cpu")
     assert torch.equal(got, reference_mask(layout, cats, base))
 
 
@@ -109,7 +111,8 @@ def test_text_query_rows_equal_base(data):
     cats = data.draw(st.lists(categories_st, min_size=1, max_size=6))
     base = data.draw(base_masks(layout, am, len(cats)))
     B, S = layout.image.shape
-    got = create_mask(generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base), B, len(cats), S, S, "cpu")
+    mod = generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base)
+    got = create_mask(mod, B, len(cats), S, S, "cpu")
     want = reference_base_mask(base, B, S).expand_as(got)
     text_q = (layout.image < 0)[:, None, :, None].expand_as(got)
     assert torch.equal(got[text_q], want[text_q])

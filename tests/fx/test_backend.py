@@ -1,13 +1,13 @@
 """The compiler pass on tiny Qwen2-VL, Qwen2.5-VL and Gemma-3 full forwards, against an eager reference."""
 
-import random
 
 import pytest
 import torch
 
 import blindsight
 from blindsight import Category, ModelInfo, Profile, ProfileMismatchError, blindsight_backend, use_layout
-from tiny_models import batch, build, layout_of, prompt, reference_attention
+
+from tiny_models import batch, build, layout_of, mixed_profile, prompt, reference_attention
 
 MODELS = ["qwen2_vl", "qwen2_5_vl", "gemma3"]
 QWEN_A = ([(4, 4), (4, 6), (6, 8), (2, 4)], [3, 2, 5, 1, 4])  # 4 images of 4, 6, 12, 2 placeholders
@@ -28,18 +28,6 @@ def inputs(name, batch_size):
     if batch_size == 1:
         return prompts(name, "A")
     return batch(name, [prompts(name, "A"), prompts(name, "B")])
-
-
-def mixed_profile(model, seed=0):
-    """Every layer gets every category, in a random head order."""
-    rng = random.Random(seed)
-    info = ModelInfo.from_config(model)
-    layers = []
-    for _ in range(info.num_layers):
-        heads = [Category(i % 4) for i in range(info.num_heads)]
-        rng.shuffle(heads)
-        layers.append(heads)
-    return Profile.from_categories(layers, model)
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +134,8 @@ def test_generate_matches_reference_tokens():
     with reference_attention(model, layout_of(model, inp), profile), torch.no_grad():
         ref = model.generate(**inp, max_new_tokens=4, do_sample=False)
     dense = model.generate(**inp, max_new_tokens=4, do_sample=False)
-    model.forward = torch.compile(model.forward, backend=blindsight_backend(profile, compile_dense=False, only_if_faster=False))
+    backend = blindsight_backend(profile, compile_dense=False, only_if_faster=False)
+    model.forward = torch.compile(model.forward, backend=backend)
     blindsight.reset_stats()
     with torch.no_grad():
         out = model.generate(**inp, max_new_tokens=4, do_sample=False)
@@ -168,7 +157,8 @@ def test_use_layout_drives_a_model_fed_inputs_embeds():
     template = blindsight.Template.from_config(model.config)
     layout = blindsight.Layout.from_spec("text:3,(image:6,text:2)x3,image:5,text:4", template)
     emb = _lm_inputs(model, layout.seq_len)
-    clm = torch.compile(lm, backend=blindsight_backend(profile, compile_dense=False, only_if_faster=False), dynamic=False)
+    backend = blindsight_backend(profile, compile_dense=False, only_if_faster=False)
+    clm = torch.compile(lm, backend=backend, dynamic=False)
     blindsight.reset_stats()
     with torch.no_grad():
         dense = clm(inputs_embeds=emb).last_hidden_state
@@ -188,7 +178,8 @@ def test_profile_of_another_shape_raises():
     """Test 6a: a profile for 8 heads on a 4-head model fails at compile time, saying what differs."""
     model = build("qwen2_vl")
     info = ModelInfo("qwen2_vl", num_layers=2, num_heads=8, num_kv_heads=2, head_dim=16)
-    clm = torch.compile(model.model.language_model, backend=blindsight_backend(Profile.uniform("intra", info), only_if_faster=False))
+    backend = blindsight_backend(Profile.uniform("intra", info), only_if_faster=False)
+    clm = torch.compile(model.model.language_model, backend=backend)
     with pytest.raises(Exception, match="num_heads: profile has 8, model has 4") as e:
         clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
     assert isinstance(e.value, ProfileMismatchError) or isinstance(e.value.__cause__, ProfileMismatchError) \
@@ -198,7 +189,8 @@ def test_profile_of_another_shape_raises():
 def test_eager_attention_model_raises_clear_error():
     """Test 6b: a model whose attention never reaches SDPA gets told to load it with sdpa."""
     model = build("qwen2_vl", attn_implementation="eager")
-    clm = torch.compile(model.model.language_model, backend=blindsight_backend(mixed_profile(model), only_if_faster=False))
+    backend = blindsight_backend(mixed_profile(model), only_if_faster=False)
+    clm = torch.compile(model.model.language_model, backend=backend)
     with pytest.raises(Exception, match='attn_implementation="sdpa"'):
         clm(input_ids=torch.tensor([[1, 2, 3, 4]]))
 

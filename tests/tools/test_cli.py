@@ -12,8 +12,9 @@ import torch
 
 import blindsight
 from blindsight import ModelInfo, Profile
-from blindsight.cli import main
-from blindsight.data import DataError, jsonl_records, synthetic_samples
+from blindsight.tools.cli import main
+from blindsight.tools.data import DataError, jsonl_records, synthetic_samples
+
 from tiny_models import build
 
 
@@ -212,7 +213,7 @@ def test_debug_shows_the_traceback(tmp_path, how):
 
 
 def test_help_documents_exit_status():
-    from blindsight.cli import build_parser
+    from blindsight.tools.cli import build_parser
 
     text = " ".join(build_parser().format_help().split()).lower()
     assert "exit status 2" in text and "--debug" in text and "blindsight_debug=1" in text

@@ -20,12 +20,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .fx import blindsight_backend
-from .layout import use_layout
-from .flops import prefill_flops
-from .layout import Layout, Template
-from .profile import Profile
-from .stats import stats
+from .. import hf
+from ..flops import prefill_flops
+from ..fx import blindsight_backend
+from ..layout import Layout, Template, use_layout
+from ..profile import Profile
+from ..progress import progress_bar
+from ..stats import stats
 
 __all__ = ["Example", "make_examples", "jsonl_examples", "accuracy", "compiled_language_model",
            "EvalResult", "evaluate"]
@@ -48,9 +49,9 @@ def _type_key(inputs: dict) -> str | None:
 
 def make_examples(processor, records, model_type: str, pad_to: int = 64, pad_id: int = 0) -> list[Example]:
     """Examples from records with in-memory images (``images``: PIL images, ``text`` with ``<image>``, ``answer``)."""
-    from .data import IMAGE_MARKER, _image_text
+    from .data import IMAGE_MARKER, image_marker
 
-    marker = _image_text(processor, model_type)
+    marker = image_marker(processor, model_type)
     tokenizer = getattr(processor, "tokenizer", processor)
     out = []
     for rec in records:
@@ -87,7 +88,7 @@ def jsonl_examples(path, processor, model_type: str, limit: int | None = None, p
 @contextlib.contextmanager
 def compiled_language_model(model, backend, **compile_kwargs):
     """Inside the block the model's language model runs ``torch.compile``d with ``backend`` (static shapes)."""
-    lm = model.model.language_model
+    lm = hf.language_model(model)
     original = lm.forward
     lm.forward = torch.compile(original, backend=backend, dynamic=False, **compile_kwargs)
     try:
@@ -106,11 +107,9 @@ def _correct(model, ex: Example) -> bool:
 def accuracy(model, examples: list[Example], template: Template | None = None, progress: bool = False,
              desc: str = "dense") -> list[bool]:
     """Per-example exact match. With ``template``: each forward runs under its layout and must run sparse."""
-    from tqdm.auto import tqdm
-
     hits = []
     with torch.no_grad():
-        for ex in tqdm(examples, desc=desc, disable=not progress):
+        for ex in progress_bar(examples, progress, desc):
             if template is None:
                 hits.append(_correct(model, ex))
                 continue
@@ -121,7 +120,8 @@ def accuracy(model, examples: list[Example], template: Template | None = None, p
             if layout.num_images.sum() and stats().get("sparse_calls", 0) == before:
                 falls = {k: v for k, v in stats().items() if k.startswith("fallback.")}
                 raise RuntimeError(f"BlindSight ran no sparse attention on an example with images (fallbacks so far: "
-                                   f"{falls}); its accuracy would be the dense one. Check the profile and backend options.")
+                                   f"{falls}); its accuracy would be the dense one. Check the profile and backend "
+                                   "options.")
     return hits
 
 
@@ -137,7 +137,8 @@ class EvalResult:
 
 def by_task(examples: list[Example], hits: list[bool]) -> dict[str, float]:
     tasks = sorted({e.task for e in examples if e.task})
-    return {t: sum(h for e, h in zip(examples, hits) if e.task == t) / sum(e.task == t for e in examples) for t in tasks}
+    return {t: sum(h for e, h in zip(examples, hits) if e.task == t) / sum(e.task == t for e in examples)
+            for t in tasks}
 
 
 def flop_reductions(examples: list[Example], profile: Profile, config) -> tuple[float, float]:
@@ -169,6 +170,6 @@ def evaluate(model, examples: list[Example], profile: Profile, thresholds=(None,
         with compiled_language_model(model, blindsight_backend(p, **options)):
             hits = accuracy(model, examples, template, progress, desc=f"blindsight{'' if t is None else f' @{t}'}")
         att, pre = flop_reductions(examples, p, model.config)
-        results.append(EvalResult(t, sum(hits) / len(examples), att, pre, {c.json_name: n for c, n in p.counts().items()},
-                                  by_task(examples, hits)))
+        results.append(EvalResult(t, sum(hits) / len(examples), att, pre,
+                                  {c.json_name: n for c, n in p.counts().items()}, by_task(examples, hits)))
     return dense, results

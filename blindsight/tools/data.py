@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
-__all__ = ["synthetic_samples", "jsonl_records", "jsonl_samples", "open_images", "load_processor", "DataError"]
+from ..hf import image_text
+from ..layout import Template
+
+__all__ = ["synthetic_samples", "jsonl_records", "jsonl_samples", "open_images", "load_processor", "image_marker",
+           "DataError", "IMAGE_MARKER"]
 
 IMAGE_MARKER = "<image>"
 
@@ -23,8 +27,6 @@ class DataError(ValueError):
 
 
 def _text_ids(config, n: int, g: torch.Generator) -> list[int]:
-    from .layout import Template
-
     t = Template.from_config(config)
     reserved = set(t.image_open_ids + t.image_close_ids + t.image_token_ids)
     vocab = config.get_text_config().vocab_size
@@ -133,16 +135,10 @@ def jsonl_records(path: str | os.PathLike, require_answer: bool = False) -> Iter
         yield lineno, dict(rec, images=paths)
 
 
-# what each model's processor expands into one image (Qwen: the placeholder between its delimiters)
-IMAGE_TEXT = {
-    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
-    "gemma3": "<start_of_image>",
-}
-
-
-def _image_text(processor, model_type: str) -> str:
-    text = IMAGE_TEXT.get(model_type) or getattr(processor, "image_token", None)
+def image_marker(processor, model_type: str) -> str:
+    """What the model's processor expects for one image in a prompt (each ``<image>`` becomes it); DataError if
+    neither BlindSight nor the processor knows."""
+    text = image_text(processor, model_type)
     if not text:
         raise DataError(f"no image marker known for model_type {model_type!r} and its processor has no image_token")
     return text
@@ -163,7 +159,7 @@ def open_images(paths: list[str], where: str) -> list:
 
 def load_processor(path: str | os.PathLike):
     """The processor saved with a model: BlindSight's word-level one for the shipped model, else AutoProcessor."""
-    from .zoo.processor import PROCESSOR_FILE, ShapesProcessor
+    from ..zoo.processor import PROCESSOR_FILE, ShapesProcessor
 
     if os.path.isfile(os.path.join(path, PROCESSOR_FILE)):
         return ShapesProcessor.from_pretrained(path)
@@ -178,7 +174,7 @@ def load_processor(path: str | os.PathLike):
 
 def jsonl_samples(path, processor, model_type: str, limit: int | None = None) -> Iterator[dict]:
     """Model inputs for each JSONL prompt, made by the model's own processor."""
-    marker = _image_text(processor, model_type)
+    marker = image_marker(processor, model_type)
     for n, (lineno, rec) in enumerate(jsonl_records(path)):
         if limit is not None and n >= limit:
             return

@@ -13,9 +13,12 @@ import math
 import os
 import sys
 
+from ..categories import Category, parse_mix
+from ..layout import Layout, LayoutError, Template, parse_layout_spec
+from ..lowering import LOWERINGS
+from ..profile import ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
 from .data import DataError
-from .layout import Layout, LayoutError, Template, parse_layout_spec
-from .profile import Category, ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
+from .presets import DEMO_LAYOUT, DEMO_MIX, QWEN2_VL_2B_TEXT
 
 EXIT_USER_ERROR = 2  # as argparse's own usage errors
 EPILOG = (f"Exit status {EXIT_USER_ERROR} means a user error (a bad argument, an unreadable or malformed file, a "
@@ -31,11 +34,6 @@ class UserError(Exception):
 USER_ERRORS = (UserError, DataError, ProfileFormatError, ProfileMismatchError, LayoutError, FileNotFoundError,
                IsADirectoryError, NotADirectoryError, PermissionError)
 
-# Qwen2-VL-2B's language model and its template: the built-in example of `blindsight flops`.
-QWEN2_VL_2B_TEXT = dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
-                        num_key_value_heads=2, vocab_size=151936)
-DEMO_LAYOUT = "text:64,(image:496,text:16)x16,text:80"
-DEMO_MIX = "dense:3,intra_sink:3,intra:3,sink:3"
 
 
 # ---- argument types: argparse reports their ArgumentTypeError as "argument --x: message" before any work ----------
@@ -137,19 +135,6 @@ class _Parser(argparse.ArgumentParser):
 
 # ---- commands ------------------------------------------------------------------------------------------------------
 
-def parse_mix(mix: str, num_heads: int) -> list[Category]:
-    """``"dense:3,intra:9"`` -> per-head categories (counts must add up to ``num_heads``)."""
-    heads: list[Category] = []
-    for item in mix.split(","):
-        name, _, n = item.partition(":")
-        if n and not (n.strip().isdigit() and int(n) > 0):
-            raise ValueError(f"mix {mix!r}: {item!r} must be name:count with a positive count")
-        heads += [Category.parse(name)] * int(n or 1)
-    if len(heads) != num_heads:
-        raise ValueError(f"mix {mix!r} gives {len(heads)} heads, the model has {num_heads}")
-    return heads
-
-
 def _mix(mix: str, num_heads: int) -> list[Category]:
     try:
         return parse_mix(mix, num_heads)
@@ -209,8 +194,8 @@ def _redecide_check(profile: Profile, path: str, option: str) -> None:
 def cmd_flops(args) -> int:
     from transformers import Qwen2VLConfig
 
-    from .flops import prefill_flops
-    from .masks import build_block_mask
+    from ..flops import prefill_flops
+    from ..masks import build_block_mask
 
     config = Qwen2VLConfig(text_config=QWEN2_VL_2B_TEXT)
     template = Template.from_config(config)
@@ -246,7 +231,8 @@ def cmd_flops(args) -> int:
     for c in Category:
         v = flops.attention.by_category[c]
         kept = v["blindsight"] / v["dense"] if v["dense"] else 1.0
-        print(f"{c.json_name:<12}{v['heads']:>6}{100 * (kept if v['heads'] else 0):>11.1f}%{100 * tiles[c.json_name]:>13.1f}%")
+        print(f"{c.json_name:<12}{v['heads']:>6}{100 * (kept if v['heads'] else 0):>11.1f}%"
+              f"{100 * tiles[c.json_name]:>13.1f}%")
     print(f"attention FLOPs: -{100 * flops.attention.reduction:.1f}% (ideal attention speedup "
           f"{flops.attention.ideal_speedup:.2f}x); whole LM prefill FLOPs: -{100 * flops.reduction:.1f}%")
     if args.png:
@@ -255,11 +241,11 @@ def cmd_flops(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import DemoConfig, format_report, run
+    from .demo import DemoConfig, format_report, run_demo
 
     cfg = DemoConfig(calibration_samples=args.calibration_samples, benchmark_samples=args.samples,
                      threshold=args.threshold, repeat=args.repeat, png=args.png or None, progress=not args.json)
-    result = run(cfg)
+    result = run_demo(cfg)
     if args.json:
         result.pop("profile_summary")
         print(json.dumps(result, indent=1))
@@ -340,7 +326,7 @@ def _check_calibratable(model, args) -> None:
 
 
 def cmd_calibrate(args) -> int:
-    from .calibrate import calibrate
+    from ..calibrate import calibrate
     from .data import jsonl_samples, load_processor, synthetic_samples
 
     if args.data != "synthetic":
@@ -368,7 +354,7 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .flops import attention_flops
+    from ..flops import attention_flops
 
     profile = Profile.load(args.profile)
     if args.layout and profile.model.template is None:
@@ -504,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hidden", type=positive_int, default=1536, help="hidden size of the prefill model")
     b.add_argument("--repeat", type=positive_int, default=5, help="timed runs (median)")
     b.add_argument("--no-prefill", action="store_true", help="skip the whole-prefill measurement")
-    b.add_argument("--lowering", default="auto", choices=["auto", "flex", "segments"])
+    b.add_argument("--lowering", default="auto", choices=["auto", *sorted(LOWERINGS)])
     b.add_argument("--recompile-prompts", type=non_negative_int, default=10,
                    help="prefill prompts of one length with images moved, counting compilations (0: skip)")
     b.add_argument("--recompile-len", type=positive_int, default=1024, help="their length in tokens")

@@ -15,10 +15,11 @@ from blindsight.zoo.shapes import COLORS, SHAPES, TASKS, make_records, write_jso
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
 # a very small model of the shipped architecture, for training and penalty tests
-SMALL_TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=1,
+SMALL_TEXT = dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
+                  num_key_value_heads=1,
                   rope_parameters={"rope_type": "default", "rope_theta": 1e4, "mrope_section": [2, 3, 3]})
-SMALL_VISION = dict(depth=1, embed_dim=16, hidden_size=48, num_heads=1, mlp_ratio=2, patch_size=16, spatial_merge_size=1,
-                    temporal_patch_size=2, in_channels=3)
+SMALL_VISION = dict(depth=1, embed_dim=16, hidden_size=48, num_heads=1, mlp_ratio=2, patch_size=16,
+                    spatial_merge_size=1, temporal_patch_size=2, in_channels=3)
 
 
 def _answer_from_items(rec) -> str:
@@ -42,7 +43,8 @@ def _answer_from_items(rec) -> str:
 def test_records_are_reproducible_and_answers_match_what_was_drawn():
     a, b = make_records("benchmark", 60), make_records("benchmark", 60)
     assert [r["text"] for r in a] == [r["text"] for r in b]
-    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for r, s in zip(a, b) for x, y in zip(r["images"], s["images"]))
+    assert all(np.array_equal(np.asarray(x), np.asarray(y))
+               for r, s in zip(a, b) for x, y in zip(r["images"], s["images"]))
     assert [r["text"] for r in make_records("train", 20)] != [r["text"] for r in make_records("benchmark", 20)]
     for rec in a:
         assert 2 <= len(rec["images"]) <= 8 and rec["text"].count("<image>") == len(rec["images"])
@@ -164,7 +166,8 @@ def test_label_and_attention_targets_point_at_the_right_tokens():
     assert [(list(COLORS)[c], SHAPES[s]) for c, s in zip(colors.tolist(), shapes.tolist())] == items
     asked = questions(recs, extra)
     find, count, by_number = attention_targets(p, inputs, recs, where, asked)
-    answer_at = {(r, q): p.tokenizer.convert_ids_to_tokens(a) for r, q, a in zip(where[0].tolist(), where[1].tolist(), answers.tolist())}
+    answer_at = {(r, q): p.tokenizer.convert_ids_to_tokens(a)
+                 for r, q, a in zip(where[0].tolist(), where[1].tolist(), answers.tolist())}
     assert len(find) == sum(q.startswith("which") for _, q in asked) > 0
     assert len(count) == sum(q.startswith("how many") for _, q in asked) > 0
     for r, q, keys in find:
@@ -179,7 +182,8 @@ def test_label_and_attention_targets_point_at_the_right_tokens():
     for r, q, keys in by_number:  # the labels spelling the numbers the question names, in its order
         assert [toks[r][k] for k in keys] == [w for w in asked_at[r, q].split() if w.isdigit()]
         assert all(toks[r][k - 2] == "<|vision_end|>" for k in keys)
-    old = [dict(r, text=re.sub(r"<image> image (\d) :", r"image \1 : <image>", r["text"])) for r in recs[:1]]  # label first
+    # the label first
+    old = [dict(r, text=re.sub(r"<image> image (\d) :", r"image \1 : <image>", r["text"])) for r in recs[:1]]
     with pytest.raises(ValueError, match="format"):
         label_targets(p, collate(p, old)[0], old)
 
@@ -209,17 +213,18 @@ def test_guide_loss_reads_one_fixed_head_against_a_uniform_target():
 
 @pytest.fixture(scope="module")
 def zoo():
-    from blindsight.demo import load_zoo_model
+    from blindsight.tools.demo import load_zoo_model
 
     return load_zoo_model()
 
 
 def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
-    from blindsight.evaluate import accuracy, by_task, make_examples
+    from blindsight.tools.evaluate import accuracy, by_task, make_examples
 
     model, processor = zoo
     # the README's 2-image sample (200 prompts): 100 left the overall margin within sampling noise
-    examples = make_examples(processor, make_records("benchmark", 200, min_images=2, max_images=2), "qwen2_vl", pad_to=1)
+    records = make_records("benchmark", 200, min_images=2, max_images=2)
+    examples = make_examples(processor, records, "qwen2_vl", pad_to=1)
     hits = accuracy(model, examples)
     acc = by_task(examples, hits)
     # chance: always giving each task's most frequent answer in this sample
@@ -234,9 +239,9 @@ def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
 def test_demo_prefill_timing_refuses_a_run_without_sparse_attention(zoo):
     """The timed "BlindSight" prefill must have run sparse: here the language model is compiled without
     BlindSight's backend, so the timing would be a dense one."""
-    from blindsight.demo import _prefill_time
-    from blindsight.evaluate import compiled_language_model, make_examples
     from blindsight.layout import Template
+    from blindsight.tools.demo import _prefill_time
+    from blindsight.tools.evaluate import compiled_language_model, make_examples
 
     model, processor = zoo
     ex = make_examples(processor, make_records("benchmark", 1, min_images=3, max_images=3), "qwen2_vl", pad_to=1)[0]
@@ -247,10 +252,11 @@ def test_demo_prefill_timing_refuses_a_run_without_sparse_attention(zoo):
 
 
 def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
-    from blindsight.cli import main
+    from blindsight.tools.cli import main
 
     png = tmp_path / "profile.png"
-    assert main(["demo", "--json", "--samples", "6", "--calibration-samples", "4", "--repeat", "1", "--png", str(png)]) == 0
+    args = ["demo", "--json", "--samples", "6", "--calibration-samples", "4", "--repeat", "1", "--png", str(png)]
+    assert main(args) == 0
     r = json.loads(capsys.readouterr().out)
     for k in ("attention_flop_reduction", "prefill_flop_reduction", "accuracy_dense", "accuracy_blindsight"):
         assert 0.0 <= r[k] <= 1.0, (k, r[k])
@@ -261,8 +267,8 @@ def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
 
 def test_eval_sweep_from_a_jsonl_file(zoo, tmp_path, capsys):
     from blindsight.calibrate import calibrate
-    from blindsight.cli import main
-    from blindsight.demo import ZOO_MODEL
+    from blindsight.tools.cli import main
+    from blindsight.tools.demo import ZOO_MODEL
 
     model, processor = zoo
     cal = [dict(processor(text=[r["text"]], images=r["images"])) for r in make_records("calibration", 4)]

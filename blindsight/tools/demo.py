@@ -22,15 +22,17 @@ from dataclasses import dataclass
 
 import torch
 
-from .fx import blindsight_backend
-from .layout import use_layout
-from .bench import _median_time
-from .calibrate import calibrate
+from .. import hf
+from ..calibrate import calibrate
+from ..fx import blindsight_backend
+from ..layout import Layout, Template, use_layout
+from ..progress import median_time
+from ..stats import stats
+from ..zoo import MODEL_DIR, ShapesProcessor
+from ..zoo.shapes import make_records
 from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples
-from .layout import Layout, Template
-from .stats import stats
 
-ZOO_MODEL = os.path.join(os.path.dirname(__file__), "zoo", "shapes-qwen2vl")
+ZOO_MODEL = MODEL_DIR
 
 
 @dataclass(frozen=True)
@@ -58,10 +60,9 @@ def load_zoo_model(path: str = ZOO_MODEL):
     """The shipped model (float32, SDPA attention, eval mode) and its processor."""
     from transformers import Qwen2VLForConditionalGeneration
 
-    from .zoo import ShapesProcessor
-
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path}: no trained model there; train one with `python -m blindsight.zoo.train --out {path}`")
+        raise FileNotFoundError(f"{path}: no trained model there; train one with "
+                                f"`python -m blindsight.zoo.train --out {path}`")
     model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa")
     return model.eval(), ShapesProcessor.from_pretrained(path)
 
@@ -73,7 +74,7 @@ def _language_model_inputs(model, ex: Example) -> dict:
     def hook(module, args, kwargs):
         captured.update(kwargs, past_key_values=None, use_cache=False)  # each timed call a fresh prefill
 
-    handle = model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    handle = hf.language_model(model).register_forward_pre_hook(hook, with_kwargs=True)
     try:
         with torch.no_grad():
             model(**ex.inputs, logits_to_keep=1)
@@ -90,9 +91,11 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
     import contextlib
 
     def layout():
-        return use_layout(Layout.from_input_ids(ex.inputs["input_ids"], template)) if template else contextlib.nullcontext()
+        if template is None:
+            return contextlib.nullcontext()
+        return use_layout(Layout.from_input_ids(ex.inputs["input_ids"], template))
 
-    lm = model.model.language_model
+    lm = hf.language_model(model)
     with layout():  # the capturing forward runs the compiled language model too
         kwargs = _language_model_inputs(model, ex)
 
@@ -101,9 +104,10 @@ def _prefill_time(model, ex: Example, template: Template | None, repeat: int) ->
             return lm(**kwargs)
 
     before = _decided_calls()
-    t = _median_time(once, repeat)
+    t = median_time(once, repeat)
     if template is not None and _decided_calls() == before:
-        raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend options")
+        raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend "
+                           "options")
     return t
 
 
@@ -116,17 +120,17 @@ def _decided_calls() -> int:
 def _long_prefill(model, profile, spec: str, repeat: int) -> dict:
     """The language model alone on a longer synthetic prompt (``spec``, random embeddings), compiled dense vs
     with BlindSight's defaults: where the cost model lets sparse attention run."""
-    template = Template.from_dict(profile.model.template)
-    layout = Layout.from_spec(spec, template)
-    lm = model.model.language_model
-    emb = torch.randn(1, layout.seq_len, model.config.text_config.hidden_size, generator=torch.Generator().manual_seed(0))
+    layout = Layout.from_spec(spec, profile.template)
+    lm = hf.language_model(model)
+    emb = torch.randn(1, layout.seq_len, model.config.text_config.hidden_size,
+                      generator=torch.Generator().manual_seed(0))
     times = {}
     for name, backend in (("dense", "inductor"), ("blindsight", blindsight_backend(profile))):
         torch._dynamo.reset()
         compiled = torch.compile(lm, backend=backend, dynamic=False)
         before = stats().get("sparse_calls", 0)
         with torch.no_grad(), use_layout(layout):
-            times[name] = _median_time(lambda: compiled(inputs_embeds=emb, use_cache=False), repeat)
+            times[name] = median_time(lambda c=compiled: c(inputs_embeds=emb, use_cache=False), repeat)
         if name == "blindsight":
             times["sparse_calls"] = stats().get("sparse_calls", 0) - before
     return {"long_prompt_tokens": layout.seq_len, "long_prefill_ms_dense": 1e3 * times["dense"],
@@ -135,12 +139,12 @@ def _long_prefill(model, profile, spec: str, repeat: int) -> dict:
             "long_prefill_sparse": times["sparse_calls"] > 0}
 
 
-def run(cfg: DemoConfig = DemoConfig()) -> dict:
-    from .zoo.shapes import make_records
-
+def run_demo(cfg: DemoConfig = DemoConfig()) -> dict:
+    """The whole demo (see the module docstring); the numbers ``format_report`` prints."""
     t0 = time.time()
     model, processor = load_zoo_model(cfg.model)
-    cal = [dict(processor(text=[r["text"]], images=r["images"])) for r in make_records("calibration", cfg.calibration_samples)]
+    cal = [dict(processor(text=[r["text"]], images=r["images"]))
+           for r in make_records("calibration", cfg.calibration_samples)]
     profile = calibrate(model, cal, thresholds=cfg.threshold, progress=cfg.progress,
                         source=f"blindsight.zoo.shapes calibration split, {cfg.calibration_samples} prompts")
     if cfg.png:
@@ -193,8 +197,9 @@ def format_report(r: dict) -> str:
     lines.append(f"prefill (compiled language model alone): dense {r['prefill_ms_dense']:.1f} ms, BlindSight "
                  f"{r['prefill_ms_blindsight']:.1f} ms ({r['prefill_speedup']:.2f}x; attention ran "
                  f"{r['prefill_attention']})")
-    lines.append(f"longer prompt ({r['long_prompt_tokens']} tokens, synthetic): dense {r['long_prefill_ms_dense']:.1f} ms, "
-                 f"BlindSight {r['long_prefill_ms_blindsight']:.1f} ms ({r['long_prefill_speedup']:.2f}x; attention ran "
+    lines.append(f"longer prompt ({r['long_prompt_tokens']} tokens, synthetic): dense "
+                 f"{r['long_prefill_ms_dense']:.1f} ms, BlindSight {r['long_prefill_ms_blindsight']:.1f} ms "
+                 f"({r['long_prefill_speedup']:.2f}x; attention ran "
                  f"{'sparse' if r['long_prefill_sparse'] else 'dense (cost model: not faster)'})")
     if r["png"]:
         lines.append(f"profile heatmap written to {r['png']}")

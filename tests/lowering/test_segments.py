@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from blindsight import BaseMask, Category, Layout, Template, reference_mask
 from blindsight.lowering import segment_attention
+
 from strategies import categories_st, layouts
 
 SCALE = 0.3
@@ -100,4 +101,5 @@ def test_masks_built_per_call_beyond_the_budget(monkeypatch):
 
     monkeypatch.setattr(lowering, "_MASK_BUDGET", 0)
     monkeypatch.setattr(lowering, "_PLANS", {})
-    _check(Layout.from_spec("text:5,(image:300,text:3)x3,image:200,text:4", T2), ["sink", "intra", "dense", "intra_sink"], 2)
+    _check(Layout.from_spec("text:5,(image:300,text:3)x3,image:200,text:4", T2),
+           ["sink", "intra", "dense", "intra_sink"], 2)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
-from .layout import Layout
-from .masks import BaseMask, reference_mask
-from .profile import Category
+from ..categories import Category
+from ..layout import Layout
+from ..masks import BaseMask, reference_mask
 
 
 def _pyplot():
@@ -20,7 +20,8 @@ def _pyplot():
     return plt
 
 
-def plot_category_masks(layout: Layout, path, categories: Sequence[Category] = tuple(Category), base: BaseMask | None = None):
+def plot_category_masks(layout: Layout, path, categories: Sequence[Category] = tuple(Category),
+                        base: BaseMask | None = None):
     """Save one panel per category: black = attended (q rows, k columns), row 0 of the batch."""
     plt = _pyplot()
     masks = reference_mask(layout, categories, base)[0]

@@ -16,17 +16,18 @@ All timings are warm, in one process, the median of ``repeat`` runs. Reported:
 from __future__ import annotations
 
 import gc
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from .flops import attention_flops, prefill_flops
-from .layout import Layout, Template, input_ids_from_spec
-from .lowering import layout_plan, resolve_lowering
-from .masks import BaseMask, category_tiles, clear_block_mask_cache
-from .profile import ModelInfo, Profile
+from ..flops import attention_flops, prefill_flops
+from ..layout import Layout, Template, input_ids_from_spec
+from ..lowering import layout_plan, resolve_lowering
+from ..masks import BaseMask, clear_block_mask_cache
+from ..masks.block import category_tiles
+from ..profile import ModelInfo, Profile
+from ..progress import median_time
+from ..progress import steps as progress_steps
 
 BENCH_TEMPLATE = Template((252,), (253,), (250,), 1)
 
@@ -52,21 +53,11 @@ class BenchConfig:
             raise ValueError(f"heads {self.heads} must be a multiple of kv_heads {self.kv_heads}")
         if self.repeat < 1:
             raise ValueError("repeat must be >= 1")
-        if self.lowering not in ("auto", "flex", "segments"):
-            raise ValueError(f"lowering must be auto, flex or segments, got {self.lowering!r}")
+        resolve_lowering(self.lowering, "cpu")  # raises for an unknown name
         if self.recompile_prompts < 0:
             raise ValueError("recompile_prompts must be >= 0")
 
 
-def _median_time(fn, repeat: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _rss_bytes(field: str) -> int | None:
@@ -111,7 +102,7 @@ def sample_rows(layout: Layout, n: int = 512, seed: int = 0) -> torch.Tensor:
 def max_error_on_rows(out, q, k, v, layout: Layout, heads, rows: torch.Tensor, chunk: int = 64) -> float:
     """max |out - reference| over ``rows``: SDPA in float32 with the definition's mask, a few rows at a time
     (a dense S x S reference at 64K tokens would not fit in memory)."""
-    from .masks import reference_mask
+    from ..masks import reference_mask
 
     rep = q.shape[1] // k.shape[1]
     kf, vf = k.float().repeat_interleave(rep, 1), v.float().repeat_interleave(rep, 1)
@@ -128,8 +119,8 @@ def max_error_on_rows(out, q, k, v, layout: Layout, heads, rows: torch.Tensor, c
 def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None = None, check_rows: int = 512) -> dict:
     """One layer's attention on ``layout``: compiled dense SDPA vs BlindSight (forced sparse, and with its
     defaults, where the cost model may run it dense), ideal, exactness on sampled rows, extra memory."""
-    from .lowering import predicted_work, resolve_lowering, sparse_attention
-    from .lowering.cost import predicted_seconds
+    from ..lowering import predicted_work, resolve_lowering, sparse_attention
+    from ..lowering.cost import predicted_seconds
 
     lowering = resolve_lowering(cfg.lowering, "cpu")
     dtype = getattr(torch, cfg.dtype)
@@ -145,21 +136,23 @@ def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None 
         return sparse_attention(q, k, v, None, layout, heads, None, True, lowering, only_if_faster=only_if_faster)
 
     with torch.no_grad():
-        t_dense = _median_time(lambda: dense(q, k, v), repeat, warmup=1)
-        t_sparse = _median_time(sparse, repeat, warmup=1)
-        t_default = _median_time(lambda: sparse(True), repeat, warmup=1)
+        t_dense = median_time(lambda: dense(q, k, v), repeat, warmup=1)
+        t_sparse = median_time(sparse, repeat, warmup=1)
+        t_default = median_time(lambda: sparse(True), repeat, warmup=1)
         out = sparse()
         err = max_error_on_rows(out, q, k, v, layout, heads, sample_rows(layout, check_rows))
         del out
         mem_dense = peak_extra_bytes(lambda: dense(q, k, v))
         mem_sparse = peak_extra_bytes(sparse)
         work_sparse, work_dense = predicted_work(q, k, None, layout, heads, True, lowering)
-    from .lowering import LOWERINGS
+    from ..lowering import LOWERINGS
 
     rates = LOWERINGS[lowering].rates(q.device, dtype, cfg.head_dim)
     one_layer = Profile.from_categories([heads], ModelInfo("bench", 1, cfg.heads, cfg.kv_heads, cfg.head_dim))
     attn = attention_flops(layout, one_layer)
-    mb = (lambda b: None if b is None else b / 2 ** 20)
+
+    def mb(b):
+        return None if b is None else b / 2 ** 20
     return {
         "layout": layout_spec_of(layout), "tokens": S,
         "images": int(layout.image.max()) + 1, "heads": cfg.heads, "kv_heads": cfg.kv_heads,
@@ -185,7 +178,7 @@ def layout_spec_of(layout: Layout) -> str:
 
 
 def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True) -> dict:
-    from .cli import parse_mix
+    from ..categories import parse_mix
 
     lowering = resolve_lowering(cfg.lowering, "cpu")
     dtype = getattr(torch, cfg.dtype)
@@ -195,7 +188,7 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
     if profile is None:
         profile = Profile.from_categories([parse_mix(cfg.mix, cfg.heads)] * cfg.layers, info)
     heads = profile.layer_categories(0)
-    steps = _steps(progress, 3 if cfg.prefill else 2)
+    steps = progress_steps(progress, 3 if cfg.prefill else 2, "bench")
 
     # (a) one layer's attention
     result = attention_point(cfg, layout, heads)
@@ -215,7 +208,7 @@ def run(cfg: BenchConfig, profile: Profile | None = None, progress: bool = True)
         else:
             category_tiles(fresh, BaseMask(), 128)
 
-    result["layout_overhead_ms"] = 1000 * _median_time(new_layout, cfg.repeat, warmup=1)
+    result["layout_overhead_ms"] = 1000 * median_time(new_layout, cfg.repeat, warmup=1)
     next(steps)
 
     # (c) whole prefill of a language model of that shape
@@ -241,7 +234,7 @@ def sweep_layout(tokens: int) -> str:
 
 def sweep(cfg: BenchConfig, lengths=SWEEP_LENGTHS, profile: Profile | None = None, progress: bool = True) -> list[dict]:
     """:func:`attention_point` at each length (``repeat`` runs up to 8K tokens, 1 beyond: each is long)."""
-    from .cli import parse_mix
+    from ..categories import parse_mix
 
     heads = profile.layer_categories(0) if profile is not None else parse_mix(cfg.mix, cfg.heads)
     bar = None
@@ -289,8 +282,8 @@ def format_sweep(points: list[dict]) -> str:
 def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering: str) -> dict:
     from transformers import Qwen2Config, Qwen2Model
 
-    from .fx import blindsight_backend
-    from .layout import use_layout
+    from ..fx import blindsight_backend
+    from ..layout import use_layout
 
     torch.manual_seed(0)
     config = Qwen2Config(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
@@ -303,9 +296,9 @@ def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering
     dense = torch.compile(model, dynamic=False)
     sparse = torch.compile(model, backend=blindsight_backend(profile, lowering=lowering), dynamic=False)
     with torch.no_grad():
-        t_dense = _median_time(lambda: dense(inputs_embeds=emb), cfg.repeat)
+        t_dense = median_time(lambda: dense(inputs_embeds=emb), cfg.repeat)
         with use_layout(layout):
-            t_sparse = _median_time(lambda: sparse(inputs_embeds=emb), cfg.repeat)
+            t_sparse = median_time(lambda: sparse(inputs_embeds=emb), cfg.repeat)
     flops = prefill_flops(layout, profile, config)
     result = {"dense_prefill_s": t_dense, "blindsight_prefill_s": t_sparse, "prefill_speedup": t_dense / t_sparse,
               "prefill_ideal": flops.ideal_speedup, "prefill_efficiency": t_dense / t_sparse / flops.ideal_speedup}
@@ -331,7 +324,7 @@ def arrangements(length: int, n: int) -> list[str]:
 
 def _recompiles(model, n: int, length: int) -> dict:
     """Compilations caused by ``n`` prompts of one length with images elsewhere, after a warm-up prompt."""
-    from .stats import stats
+    from ..stats import stats
 
     ids = [input_ids_from_spec(spec, BENCH_TEMPLATE) for spec in arrangements(length, n + 1)]
 
@@ -349,17 +342,6 @@ def _recompiles(model, n: int, length: int) -> dict:
             "recompile_sparse_calls": calls_after - calls}
 
 
-def _steps(enabled: bool, total: int):
-    if enabled:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc="bench", unit="step")
-        for _ in range(total):
-            yield bar.update(1)
-        bar.close()
-    else:
-        while True:
-            yield None
 
 
 def _mb(x) -> str:
@@ -374,7 +356,8 @@ def format_table(r: dict) -> str:
         (f"attention: BlindSight ({r['lowering']})", f"{r['blindsight_attention_s'] * 1000:.1f} ms"),
         ("speedup / ideal / efficiency", f"{r['speedup']:.2f}x / {r['ideal']:.2f}x / {r['efficiency']:.2f}"),
         ("with defaults (cost model)", f"{r['default_speedup']:.2f}x (predicted sparse speedup "
-                                       f"{r['predicted_speedup']:.2f}x: runs {'sparse' if r['predicted_speedup'] > 1 else 'dense'})"),
+                                       f"{r['predicted_speedup']:.2f}x: runs "
+                                       f"{'sparse' if r['predicted_speedup'] > 1 else 'dense'})"),
         ("tile density (flex lowering)", f"{100 * r['tile_density']:.1f}%"),
         ("layout overhead", f"{r['layout_overhead_ms']:.1f} ms"),
         ("max |error| vs reference", f"{r['max_abs_error']:.1e} ({r['checked_rows']} rows checked)"),
