@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -130,6 +132,29 @@ def predicted_work(q, k, attn_mask, layout: Layout, heads, is_causal: bool, lowe
     return LOWERINGS[name].work(q, k, attn_mask, layout, [int(Category(h)) for h in heads], is_causal, block_size)
 
 
+# layout -> {call shape and heads: does sparse pay?}: every layer of a forward (and every forward of a prompt
+# whose layout is memoized) asks again with the same layout
+_DECIDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_DECIDED_LOCK = threading.Lock()
+
+
+def _pays(name: str, q, k, attn_mask, layout: Layout, heads: list[int], is_causal: bool, block_size: int) -> bool:
+    """The cost model's decision for this call, once per (layout, lowering, heads, shapes, dtype, mask kind, rates)."""
+    impl = LOWERINGS[name]
+    rates = impl.rates(q.device, q.dtype, q.shape[-1])
+    key = (name, tuple(heads), tuple(q.shape), k.shape[1], q.dtype, q.device, is_causal, block_size,
+           None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape)), rates)
+    with _DECIDED_LOCK:
+        decided = _DECIDED.setdefault(layout, {})
+        if key in decided:
+            return decided[key]
+    sparse, dense = impl.work(q, k, attn_mask, layout, heads, is_causal, block_size, rates)
+    pays = sparse_pays(sparse, dense, rates)
+    with _DECIDED_LOCK:
+        decided[key] = pays
+    return pays
+
+
 def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=None, is_causal: bool = False,
                      lowering: str = "auto", block_size: int = 128, reason: str | None = None,
                      warn_always: bool = False, only_if_faster: bool = True) -> torch.Tensor:
@@ -143,12 +168,8 @@ def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=Non
     why = why_dense(q, k, v, layout, reason)
     name = resolve_lowering(lowering, q.device)
     heads = [int(Category(h)) for h in heads]
-    if why is None and only_if_faster:
-        impl = LOWERINGS[name]
-        rates = impl.rates(q.device, q.dtype, q.shape[-1])
-        sparse, dense = impl.work(q, k, attn_mask, layout, heads, is_causal, block_size, rates)
-        if not sparse_pays(sparse, dense, rates):
-            why = "not_faster"
+    if why is None and only_if_faster and not _pays(name, q, k, attn_mask, layout, heads, is_causal, block_size):
+        why = "not_faster"
     if why is not None:
         record_fallback(why, 1, warn_always)
         return dense_attention(q, k, v, attn_mask, scale, is_causal).contiguous()
