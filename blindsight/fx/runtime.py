@@ -8,6 +8,12 @@ For every graph Dynamo hands over (static or symbolic sizes alike):
 At run time :class:`GraphRunner` finds the prompt's layout and runs the compiled graph inside
 :func:`~blindsight.lowering.calls_use`; each op then runs sparse, or dense with the reason counted.
 
+With the cost model on (``only_if_faster``, the default), the graph is also compiled as it came, dense: a
+forward whose prompt is so short that no attention call could beat dense, whatever its layout (the calls
+alone would cost more: :func:`~blindsight.lowering.never_pays`, from the batch size and length only), runs
+that graph, exactly plain ``torch.compile``'s, without looking for a layout; its calls are counted as
+``fallback.not_faster`` (``decode`` for one-token forwards).
+
 Where the layout comes from, in order: a :func:`blindsight.use_layout` block; an ``input_ids`` input of this
 graph; the ``input_ids`` of the innermost running model call that has them
 (:func:`blindsight.layout.enclosing_input_ids`: Qwen2-VL's language model sees only ``inputs_embeds``, the
@@ -23,7 +29,7 @@ import logging
 import torch
 
 from ..layout import prompt_layout
-from ..lowering import calls_use
+from ..lowering import calls_use, never_pays
 from ..profile import ModelInfo, Profile, check_template
 from ..stats import count, record_fallback
 from .options import BackendOptions
@@ -37,6 +43,25 @@ def _placeholder_index(gm: torch.fx.GraphModule, word: str) -> int | None:
     for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         val = node_value(n)
         if word in n.name and isinstance(val, torch.Tensor) and val.dim() == 2 and not val.is_floating_point():
+            return i
+    return None
+
+
+def _copy_graph_module(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of ``gm``'s graph (nodes and their meta), sharing its parameters and buffers."""
+    graph = torch.fx.Graph()
+    out, node = graph.graph_copy(gm.graph, {}, return_output_node=True)
+    graph.output(out).meta = dict(node.meta)
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _batch_length_input(gm: torch.fx.GraphModule, q: torch.Tensor) -> int | None:
+    """Index of a tensor input whose first two sizes are the query's batch size and length (the same ints, or
+    the same symbols), from which a call's (B, S) is read before any layout work."""
+    want = (str(q.shape[0]), str(q.shape[2]))
+    for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        val = node_value(n)
+        if isinstance(val, torch.Tensor) and val.dim() >= 2 and (str(val.shape[0]), str(val.shape[1])) == want:
             return i
     return None
 
@@ -64,23 +89,51 @@ class GraphRunner:
         for reason, n in self.scan.skipped.items():
             count(f"sites_skipped.{reason}", n)
         self.lowering = None
+        self.dense, self.shapes, self.bs_at, self._short = None, (), None, {}
+        original = None
         if self.scan.sites:
-            self.lowering = options.lowering_for(node_value(self.scan.sites[0].node.args[0]).device)
+            q = node_value(self.scan.sites[0].node.args[0])
+            self.lowering = options.lowering_for(q.device)
+            if options.only_if_faster:
+                self.bs_at = _batch_length_input(gm, q)
+                self.shapes = tuple({_site_shape(s, backend.profile) for s in self.scan.sites})
+                original = _copy_graph_module(gm) if self.bs_at is not None else None
             rewrite_sites(gm, self.scan, backend.profile, self.lowering, options.block_size,
                           options.only_if_faster)
-        if options.compile_dense:
-            from torch._inductor.compile_fx import compile_fx
+        self.compiled = self._compile(gm, example_inputs)
+        if original is not None:
+            count("dense_variants_compiled")
+            self.dense = self._compile(original, example_inputs)
 
-            count("inductor_compiles")
-            self.compiled = compile_fx(gm, example_inputs)
-        else:
-            self.compiled = gm.forward
+    def _compile(self, gm, example_inputs):
+        if not self.options.compile_dense:
+            return gm.forward
+        from torch._inductor.compile_fx import compile_fx
+
+        count("inductor_compiles")
+        return compile_fx(gm, example_inputs)
+
+    def _too_short(self, args) -> bool:
+        """Would no attention call of this forward beat dense, whatever the layout? (Memoized per (B, S).)"""
+        x = args[self.bs_at]
+        key = (int(x.shape[0]), int(x.shape[1]))
+        short = self._short.get(key)
+        if short is None:
+            short = all(never_pays(self.lowering, device, dtype, key[0], key[1], H, kv, D, heads)
+                        for heads, H, kv, D, dtype, device in self.shapes)
+            if len(self._short) < 4096:
+                self._short[key] = short
+        return short
 
     def __call__(self, *args):
         for reason, n in self.scan.static_fallback.items():
             record_fallback(reason, n, self.options.warn_on_fallback)
         if not self.scan.sites:
             return self.compiled(*args)
+        if self.dense is not None and self._too_short(args):
+            reason = "decode" if int(args[self.bs_at].shape[1]) == 1 else "not_faster"
+            record_fallback(reason, len(self.scan.sites), self.options.warn_on_fallback)
+            return self.dense(*args)
         layout, reason = self._layout(args)
         with calls_use(layout, reason, self.options.warn_on_fallback):
             return self.compiled(*args)
@@ -89,6 +142,13 @@ class GraphRunner:
         ids = args[self.ids_at] if self.ids_at is not None else None
         mask = args[self.mask_at] if ids is not None and self.mask_at is not None else None
         return prompt_layout(self.backend.template, ids, mask, self.options.warn_on_fallback)
+
+
+def _site_shape(site, profile: Profile) -> tuple:
+    """(heads, H, KV heads, head dim, dtype, device) of a site's call, from its SDPA node's fake tensors."""
+    q, k = node_value(site.node.args[0]), node_value(site.node.args[1])
+    heads = tuple(int(c) for c in profile.layer_categories(site.layer))
+    return heads, int(q.shape[1]), int(k.shape[1]), int(q.shape[3]), q.dtype, q.device
 
 
 def _compiled_module():

@@ -26,10 +26,11 @@ from ..layout import Layout
 from ..stats import count, record_fallback
 from .cost import KernelRates, Work, kernel_rates, sparse_pays
 from .flex import flex_sparse_attention, flex_work, measure_flex_rates
-from .segments import layout_plan, measure_segment_rates, segment_attention, segment_work
+from .segments import layout_plan, measure_segment_rates, segment_attention, segment_bound, segment_work
 
 __all__ = ["LOWERINGS", "Lowering", "sparse_attention", "dense_attention", "calls_use", "resolve_lowering",
-           "segment_attention", "layout_plan", "flex_sparse_attention", "default_scale", "predicted_work"]
+           "segment_attention", "layout_plan", "flex_sparse_attention", "default_scale", "predicted_work",
+           "never_pays"]
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,7 @@ class Lowering:
     run: Callable  # (q, k, v, attn_mask, layout, heads, scale, is_causal, block_size) -> out
     work: Callable  # (q, k, attn_mask, layout, heads, is_causal, block_size, rates) -> (sparse Work, dense Work)
     rates: Callable  # (device, dtype, head_dim) -> KernelRates
+    bound: Callable | None = None  # (B, S, H, kv_heads, heads) -> (sparse lower bound, dense) of a causal call
 
 
 def _segments(q, k, v, attn_mask, layout: Layout, heads, scale, is_causal, block_size):
@@ -61,7 +63,7 @@ def _flex_rates(device, dtype, head_dim) -> KernelRates:
 
 # name -> Lowering; "auto" picks per device (resolve_lowering)
 LOWERINGS = {"flex": Lowering(flex_sparse_attention, flex_work, _flex_rates),
-             "segments": Lowering(_segments, _segments_work, _segments_rates)}
+             "segments": Lowering(_segments, _segments_work, _segments_rates, segment_bound)}
 
 
 def resolve_lowering(name: str, device: torch.device | str) -> str:
@@ -153,6 +155,18 @@ def _pays(name: str, q, k, attn_mask, layout: Layout, heads: list[int], is_causa
     with _DECIDED_LOCK:
         decided[key] = pays
     return pays
+
+
+def never_pays(lowering: str, device: torch.device, dtype: torch.dtype, B: int, S: int, H: int, kv_heads: int,
+               head_dim: int, heads) -> bool:
+    """Is a causal call of this shape certain not to beat dense on ``lowering``, whatever the prompt's layout?
+    (Its calls alone cost more than the dense call.) False when the lowering has no such bound."""
+    impl = LOWERINGS[resolve_lowering(lowering, device)]
+    if impl.bound is None:
+        return False
+    rates = impl.rates(device, dtype, head_dim)
+    bound, dense = impl.bound(B, S, H, kv_heads, [int(Category(h)) for h in heads])
+    return not sparse_pays(bound, dense, rates)
 
 
 def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=None, is_causal: bool = False,

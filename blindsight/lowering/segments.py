@@ -28,7 +28,8 @@ from ..categories import Category
 from ..layout import image_segments
 from .cost import KernelRates, Work, best_seconds, predicted_seconds
 
-__all__ = ["segment_attention", "segment_work", "measure_segment_rates", "layout_plan", "is_plain_causal"]
+__all__ = ["segment_attention", "segment_work", "segment_bound", "measure_segment_rates", "layout_plan",
+           "is_plain_causal"]
 
 
 def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows, keys, is_causal: bool):
@@ -501,6 +502,15 @@ def _general_work(img: torch.Tensor, snk: torch.Tensor, heads: list[int], causal
     return work
 
 
+def segment_bound(B: int, S: int, H: int, kv_heads: int, heads: list[int]) -> tuple[Work, Work]:
+    """(lower bound of the sparse work, dense work) of a causal call, from its shape and heads alone (no layout):
+    the DENSE heads' pairs, and at least one call per head group for image rows and one for text rows."""
+    groups = _head_groups(heads, H // kv_heads, True)
+    n_dense = sum(h1 - h0 for h0, h1, _ in groups if heads[h0] == Category.DENSE)
+    bound = Work(dense_pairs=B * n_dense * _causal_pairs(S), calls=B * 2 * len(groups))
+    return bound, Work(dense_pairs=B * H * _causal_pairs(S), calls=B)
+
+
 def segment_work(q, k, attn_mask, image: torch.Tensor, sink: torch.Tensor, heads: list[int],
                  is_causal: bool, rates: KernelRates | None = None) -> tuple[Work, Work]:
     """(sparse, dense) :class:`~blindsight.lowering.cost.Work` of this call: what segment_attention and SDPA compute.
@@ -515,10 +525,7 @@ def segment_work(q, k, attn_mask, image: torch.Tensor, sink: torch.Tensor, heads
     causal = [attn_mask is None and is_causal or attn_mask is not None and is_plain_causal(attn_mask, b)
               for b in range(B)]
     if rates is not None and all(causal):
-        groups = _head_groups(heads, rep, True)
-        n_dense = sum(h1 - h0 for h0, h1, _ in groups if heads[h0] == Category.DENSE)
-        bound = Work(dense_pairs=B * n_dense * _causal_pairs(S), calls=B * 2 * len(groups))
-        full = Work(dense_pairs=B * H * _causal_pairs(S), calls=B)
+        bound, full = segment_bound(B, S, H, k.shape[1], heads)
         if predicted_seconds(bound, rates) >= predicted_seconds(full, rates):
             return bound, full
     for b in range(B):

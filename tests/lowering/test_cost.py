@@ -4,6 +4,7 @@ Default options throughout. A prompt too short to gain runs dense, counted as ``
 warned, with the dense model's output; a long one runs sparse and equals SDPA with the definition's mask.
 """
 
+import contextlib
 import warnings
 
 import pytest
@@ -15,7 +16,7 @@ from blindsight.lowering import predicted_work, sparse_attention
 from blindsight.lowering.cost import KernelRates, clear_rates, kernel_rates, predicted_seconds
 from blindsight.lowering.segments import measure_segment_rates
 
-from tiny_models import build, mixed_profile, prompt
+from tiny_models import build, mixed_profile, prompt, reference_attention
 
 TEMPLATE = Template((252,), (253,), (250,), 1)
 SHORT = [([(4, 4), (2, 4)], [3, 2, 4]), ([(4, 6), (2, 2), (4, 4)], [1, 4, 2, 5])]
@@ -65,8 +66,9 @@ def quiet_machine_rates():
     """The rates measured on an idle 2-core CPU (float32, d=64), so the decision does not depend on what else
     the machine runs during the test; measured again afterwards."""
     clear_rates()
-    kernel_rates("segments", torch.device("cpu"), torch.float32, 64,
-                 lambda dtype, head_dim: KernelRates(dense_pair_s=1.8e-9, small_pair_s=1.7e-9, call_s=3.8e-4))
+    for head_dim in (16, 64):
+        kernel_rates("segments", torch.device("cpu"), torch.float32, head_dim,
+                     lambda dtype, d: KernelRates(dense_pair_s=1.8e-9, small_pair_s=1.7e-9, call_s=3.8e-4))
     yield
     clear_rates()
 
@@ -125,3 +127,32 @@ def test_rates_are_measured_once_per_key():
     c = kernel_rates("segments", torch.device("cpu"), torch.bfloat16, 32, measure)
     assert a is b and calls == [(torch.float32, 32), (torch.bfloat16, 32)]
     assert min(a.dense_pair_s, a.small_pair_s) > 0 and a.call_s >= 0 and c.small_pair_s > 0
+
+
+def test_compiled_language_model_dense_graph_when_short_sparse_when_long(quiet_machine_rates):
+    """Default options, compiled: a short prompt runs the graph as it came (no layout looked at, counted
+    ``not_faster``) and equals the dense model; an 8K-token one runs sparse and equals the eager reference
+    of DESIGN §2 (each head's category mask)."""
+    model, ref_model = build("qwen2_vl"), build("qwen2_vl")
+    profile = mixed_profile(model)
+    torch._dynamo.reset()
+    lm = torch.compile(model.model.language_model, backend=blindsight_backend(profile))
+    g = torch.Generator().manual_seed(0)
+    for spec, sparse in (("text:5,(image:16,text:3)x3,text:6", False), ("text:32,(image:480,text:8)x16,text:40", True)):
+        layout = Layout.from_spec(spec, profile.template)
+        emb = torch.randn(1, layout.seq_len, model.config.text_config.hidden_size, generator=g)
+        blindsight.reset_stats()
+        # the short prompt gets no layout at all: the run time must not need one to run it dense
+        with torch.no_grad(), blindsight.use_layout(layout) if sparse else contextlib.nullcontext():
+            got = _run_quietly(lambda emb=emb: lm(inputs_embeds=emb).last_hidden_state)
+        s = blindsight.stats()
+        reference = reference_attention(ref_model, layout, profile) if sparse else contextlib.nullcontext()
+        with reference, torch.no_grad():
+            ref = ref_model.model.language_model(inputs_embeds=emb).last_hidden_state
+        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        if sparse:
+            assert s.get("sparse_calls") == 2 and "fallback.not_faster" not in s, s
+        else:
+            assert s.get("fallback.not_faster") == 2 and "sparse_calls" not in s, s
+            assert s.get("dense_variants_compiled") == 1, s  # the first graph: compiled sparse and dense
+
