@@ -202,15 +202,15 @@ def _text_plan(text: torch.Tensor, dtype, heads: int) -> _TextPlan:
     return _TextPlan(text, chunks)
 
 
-def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | None:
+def _plan(image_of: torch.Tensor, is_sink: torch.Tensor, cats: tuple, dtype) -> _Plan | None:
     """The layout's plan, or None when sinks are not the first tokens of their segment (general path)."""
-    text = (img < 0).nonzero().flatten()
-    with_sinks = torch.sort(torch.cat([text, snk.nonzero().flatten()])).values
+    text = (image_of < 0).nonzero().flatten()
+    with_sinks = torch.sort(torch.cat([text, is_sink.nonzero().flatten()])).values
     keys = {c: text if c == Category.INTRA else with_sinks for c in cats}
     runs: list = []
-    for _, s0, s1 in image_segments(img):
-        ns = int(snk[s0:s1].sum())
-        if not bool(snk[s0:s0 + ns].all()):
+    for _, s0, s1 in image_segments(image_of):
+        ns = int(is_sink[s0:s1].sum())
+        if not bool(is_sink[s0:s0 + ns].all()):
             return None
         if runs and runs[-1].L == s1 - s0 and runs[-1].sinks == ns:
             runs[-1].starts.append(s0)
@@ -218,7 +218,7 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
             runs.append(_SegmentRun(s1 - s0, ns, [s0], {}))
     mask_elements = 0
     for run in runs:
-        starts = torch.tensor(run.starts, device=img.device)
+        starts = torch.tensor(run.starts, device=image_of.device)
         L, ns = run.L, run.sinks
         for c in cats:
             n = torch.searchsorted(keys[c], starts).tolist()  # keys before the segment
@@ -234,9 +234,9 @@ def _plan(img: torch.Tensor, snk: torch.Tensor, cats: tuple, dtype) -> _Plan | N
 
             for lo, hi in _chunks([L] * len(n), n, cost):
                 nk, m = n[hi - 1], hi - lo
-                own_keys = starts[lo:hi, None] + torch.arange(own, device=img.device)
+                own_keys = starts[lo:hi, None] + torch.arange(own, device=image_of.device)
                 index = torch.cat([keys[c][:nk].expand(m, nk), own_keys], 1)
-                kept = torch.arange(nk, device=img.device)[None, :] < starts.new_tensor(n[lo:hi])[:, None]
+                kept = torch.arange(nk, device=image_of.device)[None, :] < starts.new_tensor(n[lo:hi])[:, None]
                 # a part's rows never keep own keys after its last row: left out of its call
                 calls = [(r0, r1, nk + (own if c == Category.SINK else r1)) for r0, r1 in parts]
                 chunks.append([lo, hi, index, calls, (kept, own)])
@@ -262,23 +262,23 @@ def _chunk_mask(kept: torch.Tensor, own: int, L: int, dtype) -> torch.Tensor:
 _PLANS: dict = {}
 
 
-def _cached_plan(img, snk, cats, dtype) -> _Plan | None:
+def _cached_plan(image_of, is_sink, cats, dtype) -> _Plan | None:
     """The plan of this row's layout; one layout serves every layer of a forward, so keep the last few."""
-    key = (tuple(img.shape), str(img.device), cats, dtype)
+    key = (tuple(image_of.shape), str(image_of.device), cats, dtype)
     for entry in _PLANS.get(key, ()):
-        if torch.equal(entry[0], img) and torch.equal(entry[1], snk):
+        if torch.equal(entry[0], image_of) and torch.equal(entry[1], is_sink):
             return entry[2]
-    plan = _plan(img, snk, cats, dtype)
+    plan = _plan(image_of, is_sink, cats, dtype)
     entries = _PLANS.setdefault(key, [])
-    entries.insert(0, (img.clone(), snk.clone(), plan))
+    entries.insert(0, (image_of.clone(), is_sink.clone(), plan))
     del entries[2:]
     return plan
 
 
-def layout_plan(img: torch.Tensor, snk: torch.Tensor, heads: list[int], rep: int, dtype) -> _Plan | None:
+def layout_plan(image_of: torch.Tensor, is_sink: torch.Tensor, heads: list[int], rep: int, dtype) -> _Plan | None:
     """The fast path's whole per-layout plan for one batch row, uncached (what a new prompt layout costs)."""
     cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
-    plan = _plan(img, snk, cats, dtype) if cats else None
+    plan = _plan(image_of, is_sink, cats, dtype) if cats else None
     if plan is not None and plan.text_rows.numel():
         sparse = [int(c != Category.DENSE) for c in heads]
         for h0, h1, _ in _head_groups(sparse, rep, True):
@@ -416,11 +416,11 @@ def _strided_pieces(x: torch.Tensor, step: int, L: int) -> torch.Tensor:
     return x.as_strided((P, h, L, D), (step * ss, sh, ss, sd), x.storage_offset())
 
 
-def _causal_row(q, k, v, out, b, img, snk, heads: list[int], rep: int, scale: float) -> bool:
+def _causal_row(q, k, v, out, b, image_of, is_sink, heads: list[int], rep: int, scale: float) -> bool:
     """Causal attention of batch row b, every head, written into ``out``; False if the layout needs the general path."""
     cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
-    plan = _cached_plan(img, snk, cats, q.dtype) if cats and bool((img >= 0).any()) else None
-    if cats and plan is None and bool((img >= 0).any()):
+    plan = _cached_plan(image_of, is_sink, cats, q.dtype) if cats and bool((image_of >= 0).any()) else None
+    if cats and plan is None and bool((image_of >= 0).any()):
         return False
     if plan is None:
         heads = [int(Category.DENSE)] * len(heads)
@@ -485,11 +485,11 @@ def _causal_work(plan: _Plan, heads: list[int], rep: int, S: int) -> Work:
     return work
 
 
-def _general_work(img: torch.Tensor, snk: torch.Tensor, heads: list[int], causal: bool) -> Work:
+def _general_work(image_of: torch.Tensor, is_sink: torch.Tensor, heads: list[int], causal: bool) -> Work:
     """The general path's calls (a mask, or sinks that do not open their segment), counted roughly."""
-    S = img.numel()
-    segments = image_segments(img)
-    text, sinks = int((img < 0).sum()), int(snk.sum())
+    S = image_of.numel()
+    segments = image_segments(image_of)
+    text, sinks = int((image_of < 0).sum()), int(is_sink.sum())
     work = Work()
     n_dense = sum(c == Category.DENSE for c in heads)
     if n_dense:
@@ -530,12 +530,13 @@ def segment_work(q, k, attn_mask, image: torch.Tensor, sink: torch.Tensor, heads
             return bound, full
     for b in range(B):
         dense += _dense_heads_work(H, S) if causal[b] else _small_call(1, H, S, S)
-        img, snk = image[b], sink[b]
-        plan = _cached_plan(img, snk, cats, q.dtype) if causal[b] and cats and bool((img >= 0).any()) else None
+        image_of, is_sink = image[b], sink[b]
+        has_images = bool((image_of >= 0).any())
+        plan = _cached_plan(image_of, is_sink, cats, q.dtype) if causal[b] and cats and has_images else None
         if plan is not None:
             sparse += _causal_work(plan, heads, rep, S)
         else:
-            sparse += _general_work(img, snk, heads, causal[b])
+            sparse += _general_work(image_of, is_sink, heads, causal[b])
     return sparse, dense
 
 
@@ -562,14 +563,14 @@ def segment_attention(
         mask_b, causal_b = attn_mask, is_causal
         if mask_b is not None and is_plain_causal(mask_b, b):
             mask_b, causal_b = None, True  # transformers' materialized causal mask: same pairs, faster path
-        img, snk = image[b], sink[b]
+        image_of, is_sink = image[b], sink[b]
         # causal rows on CPU: the fast path (it declines a layout whose sinks do not open their segment)
-        if mask_b is None and causal_b and q.device.type == "cpu" and _causal_row(q, k, v, out, b, img, snk,
+        if mask_b is None and causal_b and q.device.type == "cpu" and _causal_row(q, k, v, out, b, image_of, is_sink,
                                                                                    heads, rep, scale):
             continue
-        segments = image_segments(img)
-        text_rows = (img < 0).nonzero().flatten()
-        sinks = snk.nonzero().flatten()
+        segments = image_segments(image_of)
+        text_rows = (image_of < 0).nonzero().flatten()
+        sinks = is_sink.nonzero().flatten()
         dense_heads = (torch.arange(H, device=q.device) if not segments
                        else (heads_t == Category.DENSE).nonzero().flatten())
         for hs, rows in ((dense_heads, None), (sparse_heads if segments else dense_heads[:0], text_rows)):
@@ -599,14 +600,14 @@ def segment_attention(
                 rows = torch.arange(s0, s1, device=q.device)
                 parts = [text_rows]
                 if c in (Category.INTRA_SINK, Category.SINK):
-                    parts.append(sinks[img[sinks] != i])
+                    parts.append(sinks[image_of[sinks] != i])
                 parts.append(rows)
                 keys = torch.cat(parts)
                 if mask_b is None and causal_b:
                     keys = keys[keys < s1]  # later keys are never visible to these rows
                 keep = None
                 if c == Category.SINK:  # own image: only its sinks and the query itself
-                    keep = (img[keys] != i)[None, :] | snk[keys][None, :] | (keys[None, :] == rows[:, None])
+                    keep = (image_of[keys] != i)[None, :] | is_sink[keys][None, :] | (keys[None, :] == rows[:, None])
                 mask = _combine(_base_rows(mask_b, b, hs, rows, keys, causal_b), keep)
                 if mask_b is not None:  # drop the keys no row may see (e.g. later or padded tokens)
                     seen = (mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=(0, 1))

@@ -28,18 +28,19 @@ from ..masks.block import category_tiles
 from ..profile import ModelInfo, Profile
 from ..progress import median_time
 from ..progress import steps as progress_steps
+from .presets import DEMO_LAYOUT, DEMO_MIX
 
 BENCH_TEMPLATE = Template((252,), (253,), (250,), 1)
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    layout: str = "text:64,(image:496,text:16)x16,text:80"
-    heads: int = 12
+    layout: str = DEMO_LAYOUT
+    heads: int = 12  # query heads per layer (a count; a layer's categories are ``heads`` elsewhere)
     kv_heads: int = 2
     head_dim: int = 128
     dtype: str = "float32"
-    mix: str = "dense:3,intra_sink:3,intra:3,sink:3"
+    mix: str = DEMO_MIX
     layers: int = 2
     hidden: int = 1536
     repeat: int = 5
