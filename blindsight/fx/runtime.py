@@ -133,6 +133,7 @@ class GraphRunner:
         if self.dense is not None and self._too_short(args):
             reason = "decode" if int(args[self.bs_at].shape[1]) == 1 else "not_faster"
             record_fallback(reason, len(self.scan.sites), self.options.warn_on_fallback)
+            count("dense_graph_runs")
             return self.dense(*args)
         layout, reason = self._layout(args)
         with calls_use(layout, reason, self.options.warn_on_fallback):
