@@ -120,7 +120,7 @@ def max_error_on_rows(out, q, k, v, layout: Layout, heads, rows: torch.Tensor, c
 def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None = None, check_rows: int = 512) -> dict:
     """One layer's attention on ``layout``: compiled dense SDPA vs BlindSight (forced sparse, and with its
     defaults, where the cost model may run it dense), ideal, exactness on sampled rows, extra memory."""
-    from ..lowering import predicted_work, resolve_lowering, sparse_attention
+    from ..lowering import LOWERINGS, predicted_work, sparse_attention
     from ..lowering.cost import predicted_seconds
 
     lowering = resolve_lowering(cfg.lowering, "cpu")
@@ -141,13 +141,12 @@ def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None 
         t_sparse = median_time(sparse, repeat, warmup=1)
         t_default = median_time(lambda: sparse(True), repeat, warmup=1)
         out = sparse()
-        err = max_error_on_rows(out, q, k, v, layout, heads, sample_rows(layout, check_rows))
+        checked = sample_rows(layout, check_rows)
+        err = max_error_on_rows(out, q, k, v, layout, heads, checked)
         del out
         mem_dense = peak_extra_bytes(lambda: dense(q, k, v))
         mem_sparse = peak_extra_bytes(sparse)
         work_sparse, work_dense = predicted_work(q, k, None, layout, heads, True, lowering)
-    from ..lowering import LOWERINGS
-
     rates = LOWERINGS[lowering].rates(q.device, dtype, cfg.head_dim)
     one_layer = Profile.from_categories([heads], ModelInfo("bench", 1, cfg.heads, cfg.kv_heads, cfg.head_dim))
     attn = attention_flops(layout, one_layer)
@@ -162,7 +161,7 @@ def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None 
         "speedup": t_dense / t_sparse, "default_speedup": t_dense / t_default, "ideal": attn.ideal_speedup,
         "efficiency": t_dense / t_sparse / attn.ideal_speedup,
         "predicted_speedup": predicted_seconds(work_dense, rates) / predicted_seconds(work_sparse, rates),
-        "max_abs_error": err, "checked_rows": int(sample_rows(layout, check_rows).numel()),
+        "max_abs_error": err, "checked_rows": int(checked.numel()),
         "dense_extra_mb": mb(mem_dense), "blindsight_extra_mb": mb(mem_sparse),
     }
 

@@ -26,16 +26,21 @@ def head_tensor(categories):
     return torch.tensor([int(Category.parse(c)) for c in categories])
 
 
-@settings(max_examples=150)
-@given(data=st.data())
-def test_mask_mod_equals_reference(data):
-    """Property 1: the per-head mask_mod, evaluated on every (q, kv), equals reference_mask."""
+def drawn_mask(data):
+    """A drawn layout, head categories and base mask, and the mask_mod's dense mask of them."""
     ids, am, template, layout = data.draw(layouts())
     cats = data.draw(st.lists(categories_st, min_size=1, max_size=6))
     base = data.draw(base_masks(layout, am, len(cats)))
     B, S = layout.image.shape
     mod = generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base)
-    got = create_mask(mod, B, len(cats), S, S, "cpu")
+    return layout, cats, base, create_mask(mod, B, len(cats), S, S, "cpu")
+
+
+@settings(max_examples=150)
+@given(data=st.data())
+def test_mask_mod_equals_reference(data):
+    """Property 1: the per-head mask_mod, evaluated on every (q, kv), equals reference_mask."""
+    layout, cats, base, got = drawn_mask(data)
     assert torch.equal(got, reference_mask(layout, cats, base))
 
 
@@ -107,12 +112,8 @@ def _tiles(bm):
 @given(data=st.data())
 def test_text_query_rows_equal_base(data):
     """Property 4: every row whose query is a text token equals the base mask exactly."""
-    ids, am, template, layout = data.draw(layouts())
-    cats = data.draw(st.lists(categories_st, min_size=1, max_size=6))
-    base = data.draw(base_masks(layout, am, len(cats)))
+    layout, cats, base, got = drawn_mask(data)
     B, S = layout.image.shape
-    mod = generate_blindsight_mask_mod(layout.image, layout.sink, head_tensor(cats), base)
-    got = create_mask(mod, B, len(cats), S, S, "cpu")
     want = reference_base_mask(base, B, S).expand_as(got)
     text_q = (layout.image < 0)[:, None, :, None].expand_as(got)
     assert torch.equal(got[text_q], want[text_q])
