@@ -15,6 +15,7 @@ chunk (memory O(H * chunk * S); no S x S map for all heads is ever held).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import math
 from collections.abc import Iterable, Sequence
@@ -169,8 +170,9 @@ def calibrate(
     prompt. Under ``torch.distributed`` each rank takes every world-size-th sample and the statistics are
     gathered, so every rank returns the profile one process would compute.
     """
-    info = ModelInfo.from_config(model)
     template = _template_for(model, template)
+    # the profile carries the template it was measured with (the families whose config does not name it too)
+    info = dataclasses.replace(ModelInfo.from_config(model), template=template.to_dict())
     # fail before the long run, not when deciding after it
     normalize_thresholds(thresholds)
     check_quantile(quantile)

@@ -13,11 +13,33 @@ from __future__ import annotations
 import re
 
 __all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "model_config", "text_config",
-           "text_config_key", "template_ids", "language_model_shape", "language_model", "IMAGE_TEXT", "image_text",
-           "TEMPLATE_MODEL_TYPES"]
+           "text_config_key", "template_ids", "config_names_template", "config_placeholder_ids",
+           "processor_template_ids", "language_model_shape", "language_model", "IMAGE_TEXT", "image_text",
+           "TEMPLATE_MODEL_TYPES", "CONFIG_TEMPLATE_FIELDS", "PROCESSOR_TEMPLATE_TOKENS", "PROCESSOR_MODEL_TYPES"]
 
-# model types whose image ids the config names (``template_ids``)
-TEMPLATE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "gemma3")
+# where each family's config names its image ids: model type -> (open, close, placeholder) config fields
+CONFIG_TEMPLATE_FIELDS = {
+    "qwen2_vl": (("vision_start_token_id",), ("vision_end_token_id",), ("image_token_id", "video_token_id")),
+    "qwen2_5_vl": (("vision_start_token_id",), ("vision_end_token_id",), ("image_token_id", "video_token_id")),
+    "qwen3_vl": (("vision_start_token_id",), ("vision_end_token_id",), ("image_token_id", "video_token_id")),
+    "qwen3_vl_moe": (("vision_start_token_id",), ("vision_end_token_id",), ("image_token_id", "video_token_id")),
+    "gemma3": (("boi_token_index",), ("eoi_token_index",), ("image_token_index",)),
+    "gemma3n": (("boi_token_id",), ("eoi_token_id",), ("image_token_id",)),
+    "llava_onevision": ((), (), ("image_token_id", "video_token_id")),
+}
+TEMPLATE_MODEL_TYPES = tuple(CONFIG_TEMPLATE_FIELDS)  # model types whose config names every image id
+
+# families whose delimiters only the tokenizer knows: processor class -> (open, close, placeholder, final-part)
+# processor attributes holding the token strings
+PROCESSOR_TEMPLATE_TOKENS = {
+    "InternVLProcessor": (("start_image_token",), ("end_image_token",), ("image_token",), ()),
+    "PixtralProcessor": ((), ("image_end_token",), ("image_token", "image_break_token"), ()),
+    "Idefics3Processor": (("fake_image_token",), ("fake_image_token",), ("image_token",), ("global_image_tag",)),
+    "SmolVLMProcessor": (("fake_image_token",), ("fake_image_token",), ("image_token",), ("global_image_token",)),
+}
+# model type -> the processor class that knows its template
+PROCESSOR_MODEL_TYPES = {"internvl": "InternVLProcessor", "mistral3": "PixtralProcessor",
+                         "idefics3": "Idefics3Processor", "smolvlm": "SmolVLMProcessor"}
 
 _LAYER = re.compile(r"(?:^|\.)layers[.\[](\d+)\]?\.self_attn$")
 _VISION = re.compile(r"vision|visual", re.IGNORECASE)
@@ -61,21 +83,62 @@ def text_config_key(config) -> str | None:
     return "text_config" if "text_config" in subs else None
 
 
+def config_names_template(config) -> bool:
+    """Whether this config (or model) names every image id (:func:`template_ids` works on it)."""
+    return getattr(model_config(config), "model_type", None) in CONFIG_TEMPLATE_FIELDS
+
+
 def template_ids(config) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """``(image_open_ids, image_close_ids, image_token_ids)`` a VLM config (or a model) names; ValueError for a
     model type without built-in ids."""
     config = model_config(config)
     model_type = getattr(config, "model_type", None)
-    if model_type in ("qwen2_vl", "qwen2_5_vl"):
-        return ((config.vision_start_token_id,), (config.vision_end_token_id,),
-                (config.image_token_id, config.video_token_id))
-    if model_type == "gemma3":
-        return (config.boi_token_index,), (config.eoi_token_index,), (config.image_token_index,)
+    if model_type in CONFIG_TEMPLATE_FIELDS:
+        return tuple(tuple(int(getattr(config, f)) for f in fs) for fs in CONFIG_TEMPLATE_FIELDS[model_type])
+    if model_type in PROCESSOR_MODEL_TYPES:
+        raise ValueError(
+            f"Template.from_config: a {model_type!r} config names only the image placeholder; its image delimiters "
+            "are known to its processor: use Template.from_processor(processor) or Template.from_pretrained(model_dir)"
+        )
     raise ValueError(
         f"Template.from_config: no built-in template for model_type={model_type!r} "
-        f"(known: {', '.join(TEMPLATE_MODEL_TYPES)}). Build one by hand: "
-        "Template(image_open_ids=(...), image_close_ids=(...), image_token_ids=(...))."
+        f"(known: {', '.join(TEMPLATE_MODEL_TYPES + tuple(PROCESSOR_MODEL_TYPES))}). Build one by hand from the "
+        "token ids its processor writes around one image, e.g. Template(image_open_ids=(start_id,), "
+        "image_close_ids=(end_id,), image_token_ids=(placeholder_id,)); see the README's model table."
     )
+
+
+def config_placeholder_ids(config) -> tuple[int, ...]:
+    """The image/video placeholder ids a config names (``image_token_id``, ``image_token_index``,
+    ``video_token_id``), whatever its family: what a template for it must contain."""
+    config = model_config(config)
+    names = ("image_token_id", "image_token_index", "video_token_id", "video_token_index")
+    return tuple(sorted({int(v) for n in names if isinstance(v := getattr(config, n, None), int)}))
+
+
+def processor_template_ids(processor) -> tuple[tuple[int, ...], ...]:
+    """``(open, close, placeholder, final-part)`` ids of a processor of a family in ``PROCESSOR_TEMPLATE_TOKENS``
+    (its class or a base class), read from the token strings it holds and its tokenizer."""
+    names = next((PROCESSOR_TEMPLATE_TOKENS[c.__name__] for c in type(processor).__mro__
+                  if c.__name__ in PROCESSOR_TEMPLATE_TOKENS), None)
+    if names is None:
+        raise ValueError(
+            f"Template.from_processor: no built-in template for {type(processor).__name__} (known: "
+            f"{', '.join(PROCESSOR_TEMPLATE_TOKENS)}); for a family whose config names its image ids use "
+            "Template.from_config(config), else build a Template by hand (see the README's model table)"
+        )
+    tokenizer = getattr(processor, "tokenizer", processor)
+    unk = getattr(tokenizer, "unk_token_id", None)
+
+    def token_id(attr: str) -> int:
+        token = getattr(processor, attr, None)
+        i = tokenizer.convert_tokens_to_ids(token) if isinstance(token, str) else None
+        if not isinstance(i, int) or i == unk:
+            raise ValueError(f"Template.from_processor: {type(processor).__name__}.{attr} = {token!r} is not a "
+                             "token of its tokenizer")
+        return i
+
+    return tuple(tuple(token_id(a) for a in attrs) for attrs in names)
 
 
 def language_model_shape(config) -> dict:

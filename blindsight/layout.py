@@ -34,49 +34,99 @@ class LayoutError(ValueError):
 
 @dataclass(frozen=True)
 class Template:
-    """How a model marks images in ``input_ids``.
+    """How a model marks images in ``input_ids``: one of three delimiter schemes.
 
-    ``image_open_ids[i]`` is closed by ``image_close_ids[i]`` (parallel tuples; both empty when the model
-    has no delimiters, in which case a segment is a maximal run of ``image_token_ids``).
+    - *open/close pairs* (Qwen-VL, Gemma-3, GLM-4V, InternVL, Llama-4): ``image_open_ids[i]`` is closed by
+      ``image_close_ids[i]``; a segment runs from its open through its close, and every token between them
+      (placeholders, row breaks, tile separators, newlines) belongs to the image. One id may be both open i and
+      close i (Idefics3/SmolVLM's ``<fake_token_around_image>``, which also separates an image's tiles): it then
+      closes the segment only once one of ``final_part_ids`` (``<global-img>``, the image's last part) has
+      begun, and separates tiles before that.
+    - *close only* (Pixtral/Mistral-3): no open ids; a segment is a run of ``image_token_ids`` (``[IMG]``,
+      ``[IMG_BREAK]``) ended by a close id (``[IMG_END]``), which belongs to it.
+    - *no delimiters* (LLaVA-OneVision): a segment is a maximal run of one placeholder id. Two images with no
+      token between them are one segment: their ids cannot tell them apart.
+
+    ``image_token_ids`` are the ids that stand for image content (placeholders, and in close-only templates
+    every id inside an image). The first ``sinks_per_image`` tokens of every segment are its sinks.
     """
 
     image_open_ids: tuple[int, ...]
     image_close_ids: tuple[int, ...]
     image_token_ids: tuple[int, ...]
     sinks_per_image: int = 1
+    final_part_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
-        for name in ("image_open_ids", "image_close_ids", "image_token_ids"):
+        for name in ("image_open_ids", "image_close_ids", "image_token_ids", "final_part_ids"):
             object.__setattr__(self, name, tuple(int(i) for i in getattr(self, name)))
-        if len(self.image_open_ids) != len(self.image_close_ids):
+        opens, closes = self.image_open_ids, self.image_close_ids
+        if opens and len(opens) != len(closes):
             raise ValueError(
                 "Template: image_open_ids and image_close_ids are parallel (open i is closed by close i); "
-                f"got {len(self.image_open_ids)} open and {len(self.image_close_ids)} close ids"
+                f"got {len(opens)} open and {len(closes)} close ids"
             )
         if not self.image_token_ids:
             raise ValueError("Template: image_token_ids must name at least one placeholder id")
-        ids = self.image_open_ids + self.image_close_ids + self.image_token_ids
+        toggles = self.toggle_ids
+        ids = opens + tuple(c for c in closes if c not in toggles) + self.image_token_ids + self.final_part_ids
         if len(set(ids)) != len(ids):
-            raise ValueError(f"Template: open, close and placeholder ids must all differ, got {ids}")
+            raise ValueError(f"Template: open, close, placeholder and final-part ids must all differ (an id may be "
+                             f"both open i and close i), got {opens}, {closes}, {self.image_token_ids}, "
+                             f"{self.final_part_ids}")
+        if any(o in closes and closes.index(o) != i for i, o in enumerate(opens)):
+            raise ValueError(f"Template: an id that is both open and close must close the segment it opens, got "
+                             f"image_open_ids={opens}, image_close_ids={closes}")
+        if bool(toggles) != bool(self.final_part_ids):
+            raise ValueError("Template: an id that both opens and closes an image needs final_part_ids (the ids that "
+                             "start an image's last part, after which it closes), and final_part_ids need such an id")
         if self.sinks_per_image < 1:
             raise ValueError(f"Template: sinks_per_image must be >= 1, got {self.sinks_per_image}")
 
     @property
     def has_delimiters(self) -> bool:
-        return bool(self.image_open_ids)
+        """Whether images are found by delimiters (open/close pairs or close-only) rather than as placeholder runs."""
+        return bool(self.image_open_ids or self.image_close_ids)
+
+    @property
+    def toggle_ids(self) -> tuple[int, ...]:
+        """Ids that are both an open and a close delimiter."""
+        return tuple(i for i in self.image_open_ids if i in self.image_close_ids)
 
     @classmethod
     def from_config(cls, config, sinks_per_image: int = 1) -> Template:
-        """The template of a transformers VLM config (or a model: its ``.config`` is used)."""
+        """The template of a transformers VLM config (or a model: its ``.config`` is used), for the families whose
+        config names every image id (``hf.CONFIG_TEMPLATE_TYPES``)."""
         return cls(*hf.template_ids(config), sinks_per_image)
 
+    @classmethod
+    def from_processor(cls, processor, sinks_per_image: int = 1) -> Template:
+        """The template of a transformers processor (or its tokenizer), for the families whose delimiters only the
+        tokenizer knows (``hf.PROCESSOR_TEMPLATES``: InternVL, Pixtral/Mistral-3, Idefics3/SmolVLM)."""
+        ids = hf.processor_template_ids(processor)
+        return cls(*ids[:3], sinks_per_image, *ids[3:])
+
+    @classmethod
+    def from_pretrained(cls, path, sinks_per_image: int = 1) -> Template:
+        """The template of a saved model directory: from its config where the config names every image id, else
+        from its processor."""
+        from transformers import AutoConfig, AutoProcessor
+
+        config = AutoConfig.from_pretrained(path)
+        if hf.config_names_template(config):
+            return cls.from_config(config, sinks_per_image)
+        return cls.from_processor(AutoProcessor.from_pretrained(path), sinks_per_image)
+
     def to_dict(self) -> dict:
-        return {
+        d = {
             "image_open_ids": list(self.image_open_ids),
             "image_close_ids": list(self.image_close_ids),
             "image_token_ids": list(self.image_token_ids),
             "sinks_per_image": self.sinks_per_image,
         }
+        if self.final_part_ids:  # written only when used: files without it read as before
+            d["final_part_ids"] = list(self.final_part_ids)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> Template:
@@ -85,6 +135,7 @@ class Template:
             tuple(d["image_close_ids"]),
             tuple(d["image_token_ids"]),
             int(d.get("sinks_per_image", 1)),
+            tuple(d.get("final_part_ids", ())),
         )
 
 
@@ -166,15 +217,22 @@ class Layout:
                 )
             real = am.bool()
         is_img = torch.isin(ids, torch.tensor(template.image_token_ids)) & real
-        if template.has_delimiters:
-            opens = torch.isin(ids, torch.tensor(template.image_open_ids)) & real
-            closes = torch.isin(ids, torch.tensor(template.image_close_ids)) & real
-            _check_delimiters(ids, opens, closes, is_img, template)
+        if template.image_open_ids:
+            opens, closes = _delimiters(ids, real, template)
+            _check_delimiters(ids, opens, closes, is_img, template, real)
             # depth after each token, counting the close token itself as inside its segment
             depth = torch.cumsum(opens.int() - closes.int(), dim=1)
             inside = (depth > 0) | closes
-        else:
-            opens = is_img & ~torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+        elif template.image_close_ids:  # close only: runs of placeholders, each ended by its close
+            closes = torch.isin(ids, torch.tensor(template.image_close_ids)) & real
+            inside = is_img | closes
+            _check_closed_runs(is_img, closes)
+            prev_open_run = torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+            opens = inside & ~prev_open_run
+        else:  # maximal runs of one placeholder id
+            prev = torch.nn.functional.pad(ids, (1, 0), value=-1)[:, :-1]
+            prev_img = torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+            opens = is_img & ~(prev_img & (prev == ids))
             inside = is_img
         seg = torch.cumsum(opens.int(), dim=1) - 1
         image = torch.where(inside, seg, torch.full_like(seg, -1))
@@ -228,11 +286,50 @@ def _check_layout(image: torch.Tensor, sink: torch.Tensor) -> None:
                           "run, numbered 0, 1, ... in order)")
 
 
-def _check_delimiters(ids, opens, closes, is_img, template: Template) -> None:
+def _delimiters(ids, real, template: Template) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(opens, closes)`` bool ``[B, S]`` of a template with open ids. An id that is both open and close
+    (``toggle_ids``) opens when no image is open and closes once a ``final_part_ids`` token came after the
+    previous such id; otherwise it separates tiles (neither)."""
+    opens = torch.isin(ids, torch.tensor(template.image_open_ids)) & real
+    closes = torch.isin(ids, torch.tensor(template.image_close_ids)) & real
+    if not template.toggle_ids:
+        return opens, closes
+    toggle = torch.isin(ids, torch.tensor(template.toggle_ids)) & real
+    final = torch.isin(ids, torch.tensor(template.final_part_ids)) & real
+    t = torch.arange(ids.shape[1]).expand_as(ids)
+    none = torch.full_like(t, -1)
+
+    def last_before(flags):  # position of the latest flagged token before t, or -1
+        last = torch.cummax(torch.where(flags, t, none), dim=1).values
+        return torch.nn.functional.pad(last, (1, 0), value=-1)[:, :-1]
+
+    prev_toggle = last_before(toggle)
+    ends = toggle & (last_before(final) > prev_toggle)  # a final part began since the previous toggle
+    prev_ended = ends.gather(1, prev_toggle.clamp_min(0)) & (prev_toggle >= 0)
+    starts = toggle & ((prev_toggle < 0) | prev_ended)
+    other = ~toggle
+    return (opens & other) | starts, (closes & other) | (ends & ~starts)
+
+
+def _check_closed_runs(is_img, closes) -> None:
+    """Raise LayoutError unless every placeholder run of a close-only template ends with a close id."""
+    nxt = torch.nn.functional.pad(is_img | closes, (0, 1))[:, 1:]
+    prev_img = torch.nn.functional.pad(is_img, (1, 0))[:, :-1]
+    unclosed = is_img & ~nxt
+    lone = closes & ~prev_img
+    for flags, what in ((unclosed, "image placeholders are not closed by a close delimiter"),
+                        (lone, "close delimiter without image placeholders before it")):
+        if bool(flags.any()):
+            row, pos = flags.nonzero()[0].tolist()
+            raise LayoutError(f"row {row}, position {pos}: {what}")
+
+
+def _check_delimiters(ids, opens, closes, is_img, template: Template, real) -> None:
     """Raise LayoutError at the first malformed position of the first malformed row."""
     depth = torch.cumsum(opens.int() - closes.int(), dim=1)
     inside_before = torch.nn.functional.pad(depth, (1, 0))[:, :-1] > 0  # depth before token t
-    bad = (depth < 0) | (depth > 1) | (is_img & ~inside_before)
+    stray_final = torch.isin(ids, torch.tensor(template.final_part_ids or (-1,))) & real & ~inside_before
+    bad = (depth < 0) | (depth > 1) | (is_img & ~inside_before) | stray_final
     last_bad = depth[:, -1] != 0 if ids.shape[1] else torch.zeros(ids.shape[0], dtype=torch.bool)
     # matching pairs: the open id's index must equal the close id's index
     if len(template.image_open_ids) > 1:
@@ -253,6 +350,8 @@ def _check_delimiters(ids, opens, closes, is_img, template: Template) -> None:
             tok = int(ids[row, p])
             if is_img[row, p]:
                 what = f"image placeholder {tok} outside any image segment"
+            elif stray_final[row, p]:
+                what = f"final-part id {tok} outside any image segment"
             elif depth[row, p] > 1:
                 what = f"nested open delimiter {tok} (an image is already open)"
             elif depth[row, p] < 0:
@@ -323,11 +422,17 @@ def input_ids_from_spec(spec: str, template: Template, text_token_id: int = 0) -
     for kind, n in parse_layout_spec(spec):
         if kind == "text":
             out += [text_token_id] * n
-        elif template.has_delimiters:
-            if n < 3:
-                raise ValueError(f"layout spec {spec!r}: image:{n} needs >= 3 tokens (open, placeholder, close)")
-            out += ([template.image_open_ids[0]] + [template.image_token_ids[0]] * (n - 2)
+        elif template.image_open_ids:
+            final = list(template.final_part_ids[:1] if template.image_open_ids[0] in template.toggle_ids else ())
+            if n < 3 + len(final):
+                raise ValueError(f"layout spec {spec!r}: image:{n} needs >= {3 + len(final)} tokens (open, "
+                                 f"{'final part, ' if final else ''}placeholder, close)")
+            out += ([template.image_open_ids[0]] + final + [template.image_token_ids[0]] * (n - 2 - len(final))
                     + [template.image_close_ids[0]])
+        elif template.image_close_ids:
+            if n < 2:
+                raise ValueError(f"layout spec {spec!r}: image:{n} needs >= 2 tokens (placeholder, close)")
+            out += [template.image_token_ids[0]] * (n - 1) + [template.image_close_ids[0]]
         else:
             out += [template.image_token_ids[0]] * n
     return torch.tensor([out], dtype=torch.long)

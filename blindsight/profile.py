@@ -56,6 +56,7 @@ class ProfileMismatchError(ValueError):
 
 _SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 _TEMPLATE_IDS = ("image_open_ids", "image_close_ids", "image_token_ids")
+_OPTIONAL_TEMPLATE_IDS = ("final_part_ids",)  # written only by templates that use them
 
 
 def _check_model_fields(m: dict, where: str) -> None:
@@ -78,10 +79,12 @@ def check_template_dict(t, where: str = "template") -> None:
     if not isinstance(t, dict):
         raise ValueError(f"{where} must be an object with {list(_TEMPLATE_IDS)} and sinks_per_image, got {show(t)}")
     for key in t:
-        if key not in _TEMPLATE_IDS + ("sinks_per_image",):
+        if key not in _TEMPLATE_IDS + _OPTIONAL_TEMPLATE_IDS + ("sinks_per_image",):
             raise ValueError(f"{where}.{key} is not a template field")
-    for name in _TEMPLATE_IDS:
+    for name in _TEMPLATE_IDS + _OPTIONAL_TEMPLATE_IDS:
         if name not in t:
+            if name in _OPTIONAL_TEMPLATE_IDS:
+                continue
             raise ValueError(f"{where}.{name} is missing")
         if not isinstance(t[name], (list, tuple)):
             raise ValueError(f"{where}.{name} must be a list of token ids, got {show(t[name])}")
@@ -124,9 +127,15 @@ class ModelInfo:
         return cls(**shape, template=template)
 
     def differences(self, other: ModelInfo) -> list[str]:
+        # two VLM families never share a profile, whatever their shapes (a language model's own config, as
+        # the compiler pass sees it, does not say which VLM it belongs to: only shapes are compared then)
+        families = set(hf.TEMPLATE_MODEL_TYPES) | set(hf.PROCESSOR_MODEL_TYPES)
+        keys = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+        if self.model_type in families and other.model_type in families:
+            keys = ("model_type",) + keys
         return [
             f"{k}: profile has {getattr(self, k)!r}, model has {getattr(other, k)!r}"
-            for k in ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+            for k in keys
             if getattr(self, k) != getattr(other, k)
         ]
 
@@ -302,8 +311,14 @@ def check_template(template: Template, config, explicit: bool) -> None:
                                    f"{vocab}: it was made for another model")
     try:
         own = Template.from_config(config)
-    except (ValueError, AttributeError):
-        return  # the config does not name its image ids (text-only or unknown family)
+    except (ValueError, AttributeError):  # the config does not name every image id: check the ones it names
+        missing = set(hf.config_placeholder_ids(config)) - set(template.image_token_ids)
+        if missing:
+            raise ProfileMismatchError(
+                f"{where} has image_token_ids={list(template.image_token_ids)}, but this {config.model_type!r} "
+                f"model's config names the placeholder ids {sorted(missing)}: calibrate this model (blindsight "
+                "calibrate), or pass the right BackendOptions(template=...)") from None
+        return
     for name in ("image_open_ids", "image_close_ids", "image_token_ids"):
         if set(getattr(own, name)) != set(getattr(template, name)):
             raise ProfileMismatchError(

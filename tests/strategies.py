@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from hypothesis import strategies as st
 
@@ -10,7 +12,27 @@ from blindsight.masks import BaseMask
 
 TEXT, PAD = 5, 0
 DELIMITED = Template((252,), (253,), (250, 251), 1)
-PLAIN = Template((), (), (250,), 1)  # no delimiters: a segment is a run of placeholders
+PLAIN = Template((), (), (250, 251), 1)  # no delimiters: a segment is a run of one placeholder id
+CLOSED = Template((), (253,), (250, 251), 1)  # close only (Pixtral): placeholder runs, each ended by its close
+TILED = Template((252,), (252,), (250,), 1, final_part_ids=(251,))  # Idefics3: one id opens, separates, closes
+TEMPLATES = [DELIMITED, PLAIN, CLOSED, TILED]
+TILE_TAG = 6  # a row/column token inside a tiled image (text id)
+
+
+def image_ids(draw, template: Template) -> list[int]:
+    """One well-formed image of ``template``."""
+    n = st.integers(1, 12)
+    if template is TILED:
+        ids = [252]
+        for _ in range(draw(st.integers(0, 3))):  # tiles, then the global image
+            ids += [TILE_TAG] + [250] * draw(n) + [TEXT] * draw(st.integers(0, 1)) + [252]
+        return ids + [251] + [250] * draw(n) + [252]
+    body = [draw(st.sampled_from([250, 251])) for _ in range(draw(st.integers(1, 40)))]
+    if template is PLAIN:
+        return [body[0]] * len(body)
+    if template is CLOSED:
+        return body + [253]
+    return [252] + body + [253]
 
 
 @st.composite
@@ -18,24 +40,18 @@ def rows(draw, template: Template, max_images=5):
     """One prompt's token ids: text runs and images in random order (images first/last, back to back)."""
     ids = []
     for _ in range(draw(st.integers(0, max_images))):
-        gaps = st.sampled_from([0, 0, 1, 3, 16]) if template.has_delimiters else st.sampled_from([1, 3, 16])
-        ids += [TEXT] * draw(gaps)
-        n = draw(st.integers(1, 40))
-        if template.has_delimiters:
-            ids += [252] + [draw(st.sampled_from([250, 251]))] * n + [253]
-        else:
-            ids += [250] * n
+        ids += [TEXT] * draw(st.sampled_from([0, 0, 1, 3, 16]))
+        ids += image_ids(draw, template)
     ids += [TEXT] * draw(st.integers(0 if ids else 1, 20))
     return ids
 
 
 @st.composite
-def layouts(draw, max_batch=3, max_images=5, min_len=1):
+def layouts(draw, max_batch=3, max_images=5, min_len=1, templates=TEMPLATES):
     """(input_ids [B, S], attention_mask [B, S], template, Layout): rows of different layouts, padded left or right."""
-    delimited = draw(st.booleans())
-    base = DELIMITED if delimited else PLAIN
-    template = Template(base.image_open_ids, base.image_close_ids, base.image_token_ids, draw(st.integers(1, 3)))
-    batch = [draw(rows(template, max_images)) for _ in range(draw(st.integers(1, max_batch)))]
+    base = draw(st.sampled_from(templates))
+    template = dataclasses.replace(base, sinks_per_image=draw(st.integers(1, 3)))
+    batch = [draw(rows(base, max_images)) for _ in range(draw(st.integers(1, max_batch)))]
     S = max(min_len, max(len(r) for r in batch))
     left = draw(st.booleans())
     ids = torch.full((len(batch), S), PAD, dtype=torch.long)

@@ -104,7 +104,7 @@ def set_recall(d, value):
     (lambda d: d["model"]["template"].pop("image_token_ids"), r"model\.template\.image_token_ids is missing"),
     (lambda d: d["model"]["template"].update(sinks_per_image=0), r"model\.template\.sinks_per_image must be"),
     (lambda d: d["model"]["template"].update(image_open_ids=["5"]), r"model\.template\.image_open_ids\[0\]"),
-    (lambda d: d["model"]["template"].update(image_open_ids=[]), r"model\.template: .*parallel"),
+    (lambda d: d["model"]["template"].update(image_open_ids=[252, 9]), r"model\.template: .*parallel"),
     (lambda d: d["model"].update(num_kv_heads=True), r"model\.num_kv_heads must be a positive int, got True"),
     (lambda d: d["model"].update(model_type=7), r"model\.model_type must be a string"),
     (lambda d: d["model"].update(heads=4), r"model\.heads is not a model field"),

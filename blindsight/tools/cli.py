@@ -13,6 +13,7 @@ import math
 import os
 import sys
 
+from .. import hf
 from ..categories import Category, parse_mix
 from ..layout import Layout, LayoutError, Template, parse_layout_spec
 from ..lowering import LOWERINGS
@@ -312,15 +313,18 @@ def _init_distributed(device: str) -> tuple[int, int]:
     return (dist.get_rank(), world) if world > 1 else (0, 1)
 
 
-def _check_calibratable(model, args) -> None:
-    """What only the loaded model can tell, checked before the long run: its depth and its image template."""
+def _check_calibratable(model, processor, args) -> Template:
+    """What only the loaded model can tell, checked before the long run: its depth and its image template (from
+    its config, else from its processor)."""
     layers = ModelInfo.from_config(model).num_layers
     bad = [layer for layer in args.dense_layers if layer >= layers]
     if bad:
         raise UserError(f"--dense-layers: layer {bad[0]} is out of range; {args.model} has {layers} layers "
                         f"(0 to {layers - 1})")
     try:
-        Template.from_config(model.config)
+        if processor is None or hf.config_names_template(model.config):
+            return Template.from_config(model.config)
+        return Template.from_processor(processor)
     except ValueError as e:
         raise UserError(f"{args.model}: {e}") from e
 
@@ -335,12 +339,12 @@ def cmd_calibrate(args) -> int:
     processor = None if args.data == "synthetic" else load_processor(args.model)  # seconds: before the model
     rank, world = _init_distributed(args.device)
     model = load_model(args.model, args.dtype, args.device)
-    _check_calibratable(model, args)
+    template = _check_calibratable(model, processor, args)
     if processor is None:
         samples = synthetic_samples(model.config, args.samples or 8, seed=args.seed)
     else:
         samples = jsonl_samples(args.data, processor, model.config.model_type, limit=args.samples)
-    profile = calibrate(model, samples, thresholds=args.threshold, quantile=args.quantile,
+    profile = calibrate(model, samples, template=template, thresholds=args.threshold, quantile=args.quantile,
                         dense_layers=args.dense_layers, source=f"{args.data} (model {args.model})")
     if rank == 0:
         profile.save(args.out)
