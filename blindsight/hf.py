@@ -25,6 +25,11 @@ CONFIG_TEMPLATE_FIELDS = {
     "qwen3_vl_moe": (("vision_start_token_id",), ("vision_end_token_id",), ("image_token_id", "video_token_id")),
     "gemma3": (("boi_token_index",), ("eoi_token_index",), ("image_token_index",)),
     "gemma3n": (("boi_token_id",), ("eoi_token_id",), ("image_token_id",)),
+    # a GLM-4V video's frames are images (``<|begin_of_image|>`` ... per frame): each frame is a segment
+    "glm4v": (("image_start_token_id",), ("image_end_token_id",), ("image_token_id", "video_token_id")),
+    "glm4v_moe": (("image_start_token_id",), ("image_end_token_id",), ("image_token_id", "video_token_id")),
+    # Llama-4's tile separators and <|image|> lie inside the pair; the placeholder is <|patch|>
+    "llama4": (("boi_token_index",), ("eoi_token_index",), ("image_token_index",)),
     "llava_onevision": ((), (), ("image_token_id", "video_token_id")),
 }
 TEMPLATE_MODEL_TYPES = tuple(CONFIG_TEMPLATE_FIELDS)  # model types whose config names every image id
@@ -42,7 +47,7 @@ PROCESSOR_MODEL_TYPES = {"internvl": "InternVLProcessor", "mistral3": "PixtralPr
                          "idefics3": "Idefics3Processor", "smolvlm": "SmolVLMProcessor"}
 
 _LAYER = re.compile(r"(?:^|\.)layers[.\[](\d+)\]?\.self_attn$")
-_VISION = re.compile(r"vision|visual", re.IGNORECASE)
+_VISION = re.compile(r"vision|visual|audio", re.IGNORECASE)  # towers that are not the language model
 
 
 class UnsupportedAttentionError(RuntimeError):
@@ -60,7 +65,7 @@ def not_sdpa_message(module: str) -> str:
 def language_model_layer(path: str) -> int | None:
     """Decoder-layer index of a language-model attention module path (``...layers.7.self_attn``), else None.
 
-    Vision modules (any path component mentioning vision/visual) never match. Shared by the compiler pass
+    Vision and audio modules (any path component mentioning vision/visual/audio) never match. Shared by the compiler pass
     (Dynamo's ``nn_module_stack`` paths) and calibration (``named_modules`` names).
     """
     m = _LAYER.search(path) if path and not _VISION.search(path) else None
@@ -156,17 +161,31 @@ def language_model_shape(config) -> dict:
     )
 
 
+_LANGUAGE_MODEL_PATHS = ("model.language_model", "model.text_model", "language_model.model")
+
+
 def language_model(model):
-    """The language model (decoder stack) of a transformers VLM: ``model.model.language_model``."""
-    return model.model.language_model
+    """The language model (decoder stack) of a transformers VLM: ``model.model.language_model`` (most
+    families), ``model.model.text_model`` (Idefics3, SmolVLM) or ``model.language_model.model`` (Llama-4)."""
+    for path in _LANGUAGE_MODEL_PATHS:
+        try:
+            return model.get_submodule(path)
+        except AttributeError:
+            continue
+    raise AttributeError(f"{type(model).__name__} has none of {', '.join(_LANGUAGE_MODEL_PATHS)}: not a VLM "
+                         "BlindSight knows where to find the language model of")
 
 
 # what each model's processor expands into one image (Qwen: the placeholder between its delimiters)
 IMAGE_TEXT = {
     "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
     "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen3_vl_moe": "<|vision_start|><|image_pad|><|vision_end|>",
     "gemma3": "<start_of_image>",
-}
+    "glm4v": "<|begin_of_image|><|image|><|end_of_image|>",
+    "glm4v_moe": "<|begin_of_image|><|image|><|end_of_image|>",
+}  # the others: the processor's image_token, which it expands with the delimiters
 
 
 def image_text(processor, model_type: str) -> str | None:

@@ -22,9 +22,9 @@ def qwen():
     return build("qwen2_vl")
 
 
-def brute_force_recall(model_eager, inp):
+def brute_force_recall(model_eager, inp, layout=None):
     """recall_c[l, h] = 1 - (mass on pairs c removes, over image rows) / image rows, from the full maps."""
-    layout = layout_of(model_eager, inp)
+    layout = layout_of(model_eager, inp) if layout is None else layout
     with torch.no_grad():
         maps = model_eager(**inp, output_attentions=True).attentions  # per layer [B, H, S, S]
     rows = layout.image[0] >= 0
