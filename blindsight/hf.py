@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "model_config", "text_config",
+__all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "decoder_layer_index",
+           "model_config", "text_config",
            "text_config_key", "template_ids", "config_names_template", "config_placeholder_ids",
            "processor_template_ids", "language_model_shape", "language_model", "IMAGE_TEXT", "image_text",
            "TEMPLATE_MODEL_TYPES", "CONFIG_TEMPLATE_FIELDS", "PROCESSOR_TEMPLATE_TOKENS", "PROCESSOR_MODEL_TYPES"]
@@ -65,11 +66,22 @@ def not_sdpa_message(module: str) -> str:
 def language_model_layer(path: str) -> int | None:
     """Decoder-layer index of a language-model attention module path (``...layers.7.self_attn``), else None.
 
-    Vision and audio modules (any path component mentioning vision/visual/audio) never match. Shared by the compiler pass
-    (Dynamo's ``nn_module_stack`` paths) and calibration (``named_modules`` names).
+    Vision and audio modules (any path component mentioning vision/visual/audio) never match. Shared by the compiler
+    pass (Dynamo's ``nn_module_stack`` paths) and calibration (``named_modules`` names).
     """
     m = _LAYER.search(path) if path and not _VISION.search(path) else None
     return int(m.group(1)) if m else None
+
+
+def decoder_layer_index(module) -> int | None:
+    """The index of a module that is itself one language-model decoder layer (its ``self_attn`` has an int
+    ``layer_idx``; no vision/audio class), else None. Dynamo compiles such a layer as a graph of its own when a
+    graph break splits the decoder loop (Qwen3-VL's deepstack does): its attention's path is then ``self_attn``."""
+    attn = getattr(module, "self_attn", None)
+    index = getattr(attn, "layer_idx", None)
+    if not isinstance(index, int) or _VISION.search(type(module).__name__) or _VISION.search(type(attn).__name__):
+        return None
+    return index
 
 
 def model_config(config_or_model):

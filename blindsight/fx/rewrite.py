@@ -24,7 +24,8 @@ def rewrite_sites(gm: torch.fx.GraphModule, scan: SiteScan, profile: Profile, lo
     for site in scan.sites:
         node = site.node
         a = sdpa_args(node)
-        heads = [int(c) for c in profile.layer_categories(site.layer)]
+        # no heads: the op takes the categories of the decoder layer the run time finds running (one-layer graphs)
+        heads = [] if site.layer is None else [int(c) for c in profile.layer_categories(site.layer)]
         scale = None if a["scale"] is None else float(a["scale"])
         with graph.inserting_before(node):
             new = graph.call_function(

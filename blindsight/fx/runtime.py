@@ -25,9 +25,11 @@ VLM forward that called it holds the ids). Only running calls are looked at, so 
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
 
+from ..hf import decoder_layer_index
 from ..layout import prompt_layout
 from ..lowering import calls_use, never_pays
 from ..profile import ModelInfo, Profile, check_template
@@ -69,10 +71,14 @@ def _batch_length_input(gm: torch.fx.GraphModule, q: torch.Tensor) -> int | None
 class GraphRunner:
     """The callable Dynamo gets for one graph: sets the layout for its ops and counts the dense calls."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: BlindSightBackend):
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: BlindSightBackend, layer_type=None):
         options = backend.options
         self.backend, self.options = backend, options
-        self.scan = find_sites(gm, backend.profile)
+        # a graph of one decoder layer (a graph break split the decoder loop): which layer runs is read per call
+        self.layer_type = layer_type
+        self.scan = find_sites(gm, backend.profile, one_layer=layer_type is not None)
+        if layer_type is not None and self.scan.sites:
+            count("one_layer_graphs")
         if self.scan.sites or self.scan.static_fallback:
             backend.check_model()
         self.ids_at = _placeholder_index(gm, "input_ids")
@@ -96,7 +102,7 @@ class GraphRunner:
             self.lowering = options.lowering_for(q.device)
             if options.only_if_faster:
                 self.bs_at = _batch_length_input(gm, q)
-                self.shapes = tuple({_site_shape(s, backend.profile) for s in self.scan.sites})
+                self.shapes = tuple({shape for s in self.scan.sites for shape in _site_shape(s, backend.profile)})
                 original = _copy_graph_module(gm) if self.bs_at is not None else None
             rewrite_sites(gm, self.scan, backend.profile, self.lowering, options.block_size,
                           options.only_if_faster)
@@ -136,8 +142,24 @@ class GraphRunner:
             count("dense_graph_runs")
             return self.dense(*args)
         layout, reason = self._layout(args)
-        with calls_use(layout, reason, self.options.warn_on_fallback):
+        heads = self._running_layer_heads() if self.layer_type is not None else None
+        with calls_use(layout, reason, self.options.warn_on_fallback, heads):
             return self.compiled(*args)
+
+    def _running_layer_heads(self, max_frames: int = 8) -> tuple[int, ...] | None:
+        """The categories of the decoder layer whose frame runs this graph (its caller's ``self``), or None."""
+        f = sys._getframe(2)
+        for _ in range(max_frames):
+            if f is None:
+                break
+            module = f.f_locals.get("self")
+            if type(module) is self.layer_type:
+                layer = decoder_layer_index(module)
+                if layer is not None and layer < self.backend.profile.model.num_layers:
+                    return tuple(int(c) for c in self.backend.profile.layer_categories(layer))
+                break
+            f = f.f_back
+        return None
 
     def _layout(self, args):
         ids = args[self.ids_at] if self.ids_at is not None else None
@@ -148,8 +170,9 @@ class GraphRunner:
 def _site_shape(site, profile: Profile) -> tuple:
     """(heads, H, KV heads, head dim, dtype, device) of a site's call, from its SDPA node's fake tensors."""
     q, k = node_value(site.node.args[0]), node_value(site.node.args[1])
-    heads = tuple(int(c) for c in profile.layer_categories(site.layer))
-    return heads, int(q.shape[1]), int(k.shape[1]), int(q.shape[3]), q.dtype, q.device
+    layers = range(profile.model.num_layers) if site.layer is None else [site.layer]  # one-layer graphs: any layer
+    return [(tuple(int(c) for c in profile.layer_categories(layer)), int(q.shape[1]), int(k.shape[1]),
+             int(q.shape[3]), q.dtype, q.device) for layer in layers]
 
 
 def _compiled_module():
@@ -181,7 +204,8 @@ class BlindSightBackend:
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         count("graphs_compiled")
-        return GraphRunner(gm, example_inputs, self)
+        root = _compiled_module()
+        return GraphRunner(gm, example_inputs, self, type(root) if decoder_layer_index(root) is not None else None)
 
     def check_model(self) -> None:
         """Full profile check against the config of the module being compiled (once per config)."""

@@ -28,7 +28,7 @@ SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.s
 @dataclass
 class Site:
     node: torch.fx.Node
-    layer: int
+    layer: int | None  # None: the graph holds one decoder layer, which one is known at run time
     is_causal: bool
     scale: float | None
 
@@ -65,8 +65,12 @@ def node_value(node):
     return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
 
 
-def language_model_sdpa_nodes(gm: torch.fx.GraphModule) -> tuple[list[tuple[torch.fx.Node, int]], int]:
+def language_model_sdpa_nodes(gm: torch.fx.GraphModule,
+                              one_layer: bool = False) -> tuple[list[tuple[torch.fx.Node, int | None]], int]:
     """``([(sdpa node, decoder layer index)], number of other SDPA nodes)`` of a graph.
+
+    ``one_layer``: the graph's root module is one decoder layer (:func:`~blindsight.hf.decoder_layer_index`):
+    its own ``self_attn`` is a site whose layer (None here) the run time reads from the running module.
 
     Raises :class:`UnsupportedAttentionError` when the graph runs language-model attention modules but none of
     them calls SDPA (eager or another attention implementation).
@@ -77,11 +81,12 @@ def language_model_sdpa_nodes(gm: torch.fx.GraphModule) -> tuple[list[tuple[torc
             continue
         path = module_path(node)
         layer = language_model_layer(path)
-        if layer is not None:
+        own = one_layer and path == "self_attn"
+        if layer is not None or own:
             lm_attention_modules.add(path)
         if node.target not in SDPA_TARGETS:
             continue
-        if layer is not None:
+        if layer is not None or own:
             found.append((node, layer))
         else:
             others += 1
@@ -94,7 +99,7 @@ def check_site_shape(profile: Profile, layer: int, q, k) -> None:
     """Raise :class:`ProfileMismatchError` when a site's layer or head shape does not fit the profile."""
     info = profile.model
     problems = []
-    if layer >= info.num_layers:
+    if layer is not None and layer >= info.num_layers:
         problems.append(f"the model has a decoder layer {layer}, the profile only {info.num_layers} layers")
     if q.shape[1] != info.num_heads:
         problems.append(f"num_heads: profile has {info.num_heads}, model has {q.shape[1]}")
@@ -127,13 +132,14 @@ def _static_reason(a: dict, q, k, mask, mval) -> str | None:
     return None
 
 
-def find_sites(gm: torch.fx.GraphModule, profile: Profile) -> SiteScan:
+def find_sites(gm: torch.fx.GraphModule, profile: Profile, one_layer: bool = False) -> SiteScan:
     """Language-model SDPA calls of a graph that can be sparse, checked against the profile's shape.
 
     Sizes may be symbolic (Dynamo's automatic dynamic shapes): the rewritten op reads the real sizes at run time.
+    ``one_layer``: the graph is one decoder layer's (see :func:`language_model_sdpa_nodes`).
     """
     scan = SiteScan()
-    nodes, others = language_model_sdpa_nodes(gm)
+    nodes, others = language_model_sdpa_nodes(gm, one_layer)
     if others:
         scan.skipped["not_language_model"] += others
     for node, layer in nodes:

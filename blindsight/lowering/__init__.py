@@ -87,15 +87,18 @@ class CallLayout:
     layout: Layout | None
     reason: str | None = None
     warn_always: bool = False
+    heads: tuple[int, ...] | None = None  # the running decoder layer's categories, for ops rewritten without
 
 
 _CALL: contextvars.ContextVar[CallLayout | None] = contextvars.ContextVar("blindsight_call_layout", default=None)
 
 
 @contextlib.contextmanager
-def calls_use(layout: Layout | None, reason: str | None = None, warn_always: bool = False):
-    """Attention calls inside the block (``blindsight::attention`` ops) use this layout, or run dense for ``reason``."""
-    token = _CALL.set(CallLayout(layout, reason, warn_always))
+def calls_use(layout: Layout | None, reason: str | None = None, warn_always: bool = False,
+              heads: tuple[int, ...] | None = None):
+    """Attention calls inside the block (``blindsight::attention`` ops) use this layout, or run dense for ``reason``;
+    ``heads``: the categories of ops rewritten without their own (a graph that holds one decoder layer)."""
+    token = _CALL.set(CallLayout(layout, reason, warn_always, heads))
     try:
         yield
     finally:
@@ -199,8 +202,15 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
                  block_size: int, only_if_faster: bool) -> torch.Tensor:
     """What each rewritten site calls: :func:`sparse_attention` with the layout the run time set (:func:`calls_use`)."""
     call = _CALL.get() or CallLayout(None, "no_layout")
-    return sparse_attention(q, k, v, attn_mask, call.layout, heads, scale, is_causal, lowering, block_size,
-                            call.reason, call.warn_always, only_if_faster)
+    layout, reason = call.layout, call.reason
+    if not heads:
+        heads = list(call.heads or ())
+        if not heads and reason is None:
+            layout, reason = None, "no_layer"
+    if not heads:  # dense for the reason given: any categories do
+        heads = [0] * q.shape[1]
+    return sparse_attention(q, k, v, attn_mask, layout, heads, scale, is_causal, lowering, block_size, reason,
+                            call.warn_always, only_if_faster)
 
 
 @attention_op.register_fake

@@ -72,8 +72,11 @@ def _vision_stand_in():
 
 def build(attn_implementation: str = "sdpa"):
     from transformers import Gemma3nConfig, Gemma3nForConditionalGeneration
-    from transformers.models.gemma3n.configuration_gemma3n import (Gemma3nAudioConfig, Gemma3nTextConfig,
-                                                                   Gemma3nVisionConfig)
+    from transformers.models.gemma3n.configuration_gemma3n import (
+        Gemma3nAudioConfig,
+        Gemma3nTextConfig,
+        Gemma3nVisionConfig,
+    )
 
     torch.manual_seed(0)
     text = Gemma3nTextConfig(

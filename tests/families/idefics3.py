@@ -33,7 +33,7 @@ def build(attn_implementation: str = "sdpa"):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_processor():
     from transformers import Idefics3Processor
     from transformers.models.idefics3 import Idefics3ImageProcessorPil
@@ -64,4 +64,5 @@ def prompt(images, texts, seed=0, split=True) -> dict:
     kw = {} if split else {"do_image_splitting": False}
     out = make_processor()(text=[" ".join(parts)], images=[rand_images(images, seed)] if images else None,
                            return_tensors="pt", **kw)
-    return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+    keep = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+    return {k: v for k, v in out.items() if k in keep}

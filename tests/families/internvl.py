@@ -47,7 +47,7 @@ def _tokenizer():
                               "end_image_token": "</img>", "video_token": "<video>"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_processor():
     """The real ``InternVLProcessor`` (GotOcr2ImageProcessorPil + word-level tokenizer), built offline, with
     no video processor (see ``_common.images_only``)."""

@@ -46,7 +46,7 @@ def build(attn_implementation: str = "sdpa"):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_processor():
     """The real ``LlavaOnevisionProcessor`` (LlavaOnevisionImageProcessorPil + word-level tokenizer), offline,
     without a video processor (see ``_common.images_only``)."""

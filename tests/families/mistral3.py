@@ -45,13 +45,13 @@ def build(attn_implementation: str = "sdpa"):
     return model
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer():
     ids = {"[IMG]": IMAGE_TOKEN_ID, "[IMG_BREAK]": BREAK_ID, "[IMG_END]": END_ID}
     return word_tokenizer(list(ids), ids, base=("<unk>", "<s>", "</s>", "<pad>"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_processor():
     from transformers.models.pixtral import PixtralImageProcessorPil
 
@@ -139,7 +139,7 @@ def expected_ids(images, texts, seed=0) -> list[int]:
     return ids
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_processor():
     """The real ``PixtralProcessor`` (what Mistral-3 checkpoints ship), imported with torchvision's Pixtral image
     processor module replaced by the PIL one (it only needs ``get_resize_output_image_size`` from it)."""

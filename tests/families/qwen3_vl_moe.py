@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .qwen3_vl import CHECK_IMAGES, CHECK_MEDIA, CHECK_VIDEO_ONLY, IMAGE, MERGE, PATCH, TPATCH, VEND, VIDEO, VSTART  # noqa: F401
-from .qwen3_vl import processor, prompt, video_prompt  # noqa: F401
+from .qwen3_vl import IMAGE, MERGE, PATCH, TPATCH, VEND, VIDEO, VSTART, processor, prompt, video_prompt  # noqa: F401
 
 
 def build(attn_implementation: str = "sdpa"):

@@ -59,7 +59,7 @@ def _tokenizer():
                                                 "end_of_utterance_token": "<end_of_utterance>"})
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def make_processor():
     """The real ``SmolVLMProcessor`` (SmolVLMImageProcessorPil + word-level tokenizer), offline, without a video
     processor (``_common.images_only``). Its __init__ raises ImportError when the ``num2words`` package is missing
@@ -113,7 +113,8 @@ def prompt(images, texts, seed=0, split=True) -> dict:
     kw = {} if split else {"do_image_splitting": False}
     out = make_processor()(text=[" ".join(parts)], images=[rand_images(images, seed)] if images else None,
                            return_tensors="pt", **kw)
-    return {k: v for k, v in out.items() if k in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")}
+    keep = ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask")
+    return {k: v for k, v in out.items() if k in keep}
 
 
 def grid(height, width, split=True):

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from test_calibrate import brute_force_recall
 
 import blindsight
 from blindsight import Layout, ProfileMismatchError, Template, blindsight_backend
 
-from test_calibrate import brute_force_recall
 from tiny_models import mixed_profile, reference_attention
 
 
