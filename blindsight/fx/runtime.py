@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from ..hf import decoder_layer_index
+from ..hf import decoder_layer_index, text_config_key
 from ..layout import prompt_layout
 from ..lowering import calls_use, never_pays
 from ..profile import ModelInfo, Profile, check_template
@@ -79,8 +79,9 @@ class GraphRunner:
         self.scan = find_sites(gm, backend.profile, one_layer=layer_type is not None)
         if layer_type is not None and self.scan.sites:
             count("one_layer_graphs")
-        if self.scan.sites or self.scan.static_fallback:
-            backend.check_model()
+        # the profile is checked on the first graph of a VLM's own forward too: where the decoder loop is split
+        # into one-layer graphs, those carry no config to check it against
+        backend.check_model(vlm_only=not (self.scan.sites or self.scan.static_fallback))
         self.ids_at = _placeholder_index(gm, "input_ids")
         self.mask_at = _placeholder_index(gm, "attention_mask")
         if self.scan.sites and torch.is_grad_enabled() and any(
@@ -207,11 +208,14 @@ class BlindSightBackend:
         root = _compiled_module()
         return GraphRunner(gm, example_inputs, self, type(root) if decoder_layer_index(root) is not None else None)
 
-    def check_model(self) -> None:
-        """Full profile check against the config of the module being compiled (once per config)."""
+    def check_model(self, vlm_only: bool = False) -> None:
+        """Full profile check against the config of the module being compiled (once per config); ``vlm_only``:
+        only if that config is a VLM's (it has a language-model sub-config), not a vision tower's."""
         module = _compiled_module()
         config = getattr(module, "config", None)
         if config is None or not hasattr(config, "to_dict") or id(config) in self._checked:
+            return
+        if vlm_only and text_config_key(config) is None:
             return
         try:
             info = ModelInfo.from_config(config)
