@@ -21,10 +21,11 @@ from .calibrate import calibrate
 from .categories import Category
 from .fx import BackendOptions, blindsight_backend
 from .hf import UnsupportedAttentionError
-from .layout import Layout, LayoutError, Template, input_ids_from_spec, parse_layout_spec, use_layout
+from .layout import Layout, input_ids_from_spec, parse_layout_spec, use_layout
 from .masks import BaseMask, build_block_mask, reference_mask
 from .profile import ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
 from .stats import reset_stats, sparse_fraction, stats
+from .template import LayoutError, Template
 from .version import __version__
 
 __all__ = [

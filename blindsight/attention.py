@@ -18,10 +18,11 @@ import torch
 
 from .fx.options import BackendOptions
 from .hf import language_model_layer, text_config_key
-from .layout import Template, prompt_layout
+from .layout import prompt_layout
 from .lowering import dense_attention, sparse_attention
 from .profile import Profile, check_template
 from .stats import record_fallback
+from .template import Template
 
 __all__ = ["attach", "detach", "ATTENTION_NAME"]
 

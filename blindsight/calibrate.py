@@ -24,9 +24,10 @@ import torch
 
 from .categories import SPARSE_CATEGORIES, Category, check_dense_layers, check_quantile, normalize_thresholds
 from .hf import UnsupportedAttentionError, language_model_layer, not_sdpa_message
-from .layout import Layout, Template
+from .layout import Layout
 from .profile import ModelInfo, Profile
 from .progress import progress_bar
+from .template import Template
 
 __all__ = ["calibrate", "removed_mass"]
 
@@ -102,20 +103,23 @@ class _Interceptor:
         if not self.modules:
             raise ValueError("calibration found no language-model attention modules (...layers.<i>.self_attn)")
         self.current: int | None = None
-        self.layout: Layout | None = None
+        self.layouts: tuple[Layout, ...] = ()
 
-    def start(self, layout: Layout):
-        self.layout = layout
-        self.removed = torch.zeros(layout.batch_size, *self.shape, len(SPARSE_CATEGORIES), dtype=torch.float64)
+    def start(self, *layouts: Layout):
+        """Measure the next forward under each of ``layouts`` (the same prompt, segmented differently)."""
+        self.layouts = layouts
+        self.removed = [torch.zeros(layouts[0].batch_size, *self.shape, len(SPARSE_CATEGORIES), dtype=torch.float64)
+                        for _ in layouts]
         self.measured, self.ran = set(), set()
 
     def sdpa(self, q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
         out = _SDPA(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                     enable_gqa=enable_gqa)
         layer = self.current
-        if layer is not None and self.layout is not None and q.shape[2] == k.shape[2] == self.layout.seq_len:
-            removed, _ = removed_mass(q, k, attn_mask, is_causal, scale, self.layout.image, self.layout.sink)
-            self.removed[:, layer] += removed.transpose(1, 2)
+        if layer is not None and self.layouts and q.shape[2] == k.shape[2] == self.layouts[0].seq_len:
+            for layout, removed in zip(self.layouts, self.removed):
+                r, _ = removed_mass(q, k, attn_mask, is_causal, scale, layout.image, layout.sink)
+                removed[:, layer] += r.transpose(1, 2)
             self.measured.add(layer)
         return out
 
@@ -186,8 +190,10 @@ def calibrate(
     with spy.active(), torch.no_grad():
         for i, sample in progress_bar(mine, progress and rank == 0, "calibrating", unit="prompt"):
             sample = {k: v.to(model.device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
-            layout = Layout.from_input_ids(sample["input_ids"], template, sample.get("attention_mask"))
-            spy.start(layout.to(model.device))
+            layout = Layout.from_input_ids(sample["input_ids"], template, sample.get("attention_mask"),
+                                           sample.get("video_grid_thw"))
+            other = _other_video_layout(sample, template)
+            spy.start(*[x.to(model.device) for x in (layout, other) if x is not None])
             model(**sample, **extra)
             if spy.ran and not spy.measured:
                 raise UnsupportedAttentionError(not_sdpa_message(next(iter(spy.modules))))
@@ -198,16 +204,55 @@ def calibrate(
             for b in range(layout.batch_size):
                 if image_rows[b] == 0:
                     continue  # a prompt without images says nothing about cross-image attention
-                recall = 1 - spy.removed[b] / image_rows[b]
-                records.append({"sample": i, "row": b, "image_rows": int(image_rows[b]), "recall": recall.tolist()})
+                recall = 1 - spy.removed[0][b] / image_rows[b]
+                record = {"sample": i, "row": b, "image_rows": int(image_rows[b]), "recall": recall.tolist()}
+                if other is not None:  # what the other choice of video segments would keep
+                    other_recall = 1 - spy.removed[1][b] / (other.image[b] >= 0).sum().clamp_min(1)
+                    record["video_segments"] = {_other_choice(template): other_recall.tolist()}
+                records.append(record)
     records = _gather(records, world)
     if not records:
         raise ValueError("calibration needs at least one sample with an image")
     scores = {"statistic": "recall", "categories": [c.json_name for c in SPARSE_CATEGORIES], "prompts": records}
     calibration = {"samples": len(records), "source": source}
+    videos = _video_segments_report(records, template)
+    if videos:
+        calibration["video_segments"] = videos
     profile = Profile(info, tuple(tuple([Category.DENSE] * info.num_heads) for _ in range(info.num_layers)),
                       calibration, scores)
     return profile.decide(thresholds=thresholds, quantile=quantile, dense_layers=dense_layers)
+
+
+def _other_choice(template: Template) -> str:
+    return "frame" if template.video_segments == "video" else "video"
+
+
+def _other_video_layout(sample: dict, template: Template) -> Layout | None:
+    """The prompt's layout under the other ``video_segments`` choice, if the prompt has a video it would change."""
+    if not template.nests_videos or not bool(torch.isin(sample["input_ids"].cpu(),
+                                                         torch.tensor(template.video_token_ids)).any()):
+        return None
+    other = dataclasses.replace(template, video_segments=_other_choice(template))
+    try:
+        return Layout.from_input_ids(sample["input_ids"], other, sample.get("attention_mask"),
+                                     sample.get("video_grid_thw"))
+    except ValueError:  # e.g. per-frame segments without the prompt's video_grid_thw: nothing to compare
+        return None
+
+
+def _video_segments_report(records: list, template: Template) -> dict:
+    """Mean recall per sparse category over the video prompts, for a video as one segment and per frame."""
+    mine = [r for r in records if "video_segments" in r]
+    if not mine:
+        return {}
+    other = _other_choice(template)
+
+    def mean(recalls):
+        t = torch.tensor(recalls, dtype=torch.float64)  # [P, L, H, 3]
+        return {c.json_name: round(float(t[..., i].mean()), 6) for i, c in enumerate(SPARSE_CATEGORIES)}
+
+    return {"prompts": len(mine), template.video_segments: mean([r["recall"] for r in mine]),
+            other: mean([r["video_segments"][other] for r in mine])}
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -14,9 +14,10 @@ import re
 
 __all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "decoder_layer_index",
            "model_config", "text_config",
-           "text_config_key", "template_ids", "config_names_template", "config_placeholder_ids",
+           "text_config_key", "template_ids", "video_token_ids", "config_names_template", "config_placeholder_ids",
            "processor_template_ids", "language_model_shape", "language_model", "IMAGE_TEXT", "image_text",
-           "TEMPLATE_MODEL_TYPES", "CONFIG_TEMPLATE_FIELDS", "PROCESSOR_TEMPLATE_TOKENS", "PROCESSOR_MODEL_TYPES"]
+           "TEMPLATE_MODEL_TYPES", "CONFIG_TEMPLATE_FIELDS", "CONFIG_VIDEO_FIELDS",
+           "PROCESSOR_TEMPLATE_TOKENS", "PROCESSOR_MODEL_TYPES"]
 
 # where each family's config names its image ids: model type -> (open, close, placeholder) config fields
 CONFIG_TEMPLATE_FIELDS = {
@@ -34,6 +35,8 @@ CONFIG_TEMPLATE_FIELDS = {
     "llava_onevision": ((), (), ("image_token_id", "video_token_id")),
 }
 TEMPLATE_MODEL_TYPES = tuple(CONFIG_TEMPLATE_FIELDS)  # model types whose config names every image id
+# model type -> the config fields of its video placeholders (a GLM-4V video's frames use the image id)
+CONFIG_VIDEO_FIELDS = {t: ("video_token_id",) for t in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")}
 
 # families whose delimiters only the tokenizer knows: processor class -> (open, close, placeholder, final-part)
 # processor attributes holding the token strings
@@ -123,6 +126,12 @@ def template_ids(config) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, .
         "token ids its processor writes around one image, e.g. Template(image_open_ids=(start_id,), "
         "image_close_ids=(end_id,), image_token_ids=(placeholder_id,)); see the README's model table."
     )
+
+
+def video_token_ids(config) -> tuple[int, ...]:
+    """The video placeholder ids of a config whose family writes videos as pairs of video placeholders."""
+    config = model_config(config)
+    return tuple(int(getattr(config, f)) for f in CONFIG_VIDEO_FIELDS.get(getattr(config, "model_type", None), ()))
 
 
 def config_placeholder_ids(config) -> tuple[int, ...]:

@@ -24,7 +24,7 @@ from .categories import (
     decide_categories,
     normalize_thresholds,
 )
-from .layout import Template
+from .template import VIDEO_SEGMENTS, Template
 from .values import is_int, is_number, show
 from .version import __version__
 
@@ -56,7 +56,7 @@ class ProfileMismatchError(ValueError):
 
 _SHAPE_FIELDS = ("num_layers", "num_heads", "num_kv_heads", "head_dim")
 _TEMPLATE_IDS = ("image_open_ids", "image_close_ids", "image_token_ids")
-_OPTIONAL_TEMPLATE_IDS = ("final_part_ids",)  # written only by templates that use them
+_OPTIONAL_TEMPLATE_IDS = ("final_part_ids", "video_token_ids")  # written only by templates that use them
 
 
 def _check_model_fields(m: dict, where: str) -> None:
@@ -79,7 +79,7 @@ def check_template_dict(t, where: str = "template") -> None:
     if not isinstance(t, dict):
         raise ValueError(f"{where} must be an object with {list(_TEMPLATE_IDS)} and sinks_per_image, got {show(t)}")
     for key in t:
-        if key not in _TEMPLATE_IDS + _OPTIONAL_TEMPLATE_IDS + ("sinks_per_image",):
+        if key not in _TEMPLATE_IDS + _OPTIONAL_TEMPLATE_IDS + ("sinks_per_image", "video_segments"):
             raise ValueError(f"{where}.{key} is not a template field")
     for name in _TEMPLATE_IDS + _OPTIONAL_TEMPLATE_IDS:
         if name not in t:
@@ -91,6 +91,9 @@ def check_template_dict(t, where: str = "template") -> None:
         for i, v in enumerate(t[name]):
             if not is_int(v) or v < 0:
                 raise ValueError(f"{where}.{name}[{i}] must be a token id (an int >= 0), got {show(v)}")
+    if t.get("video_segments", "video") not in VIDEO_SEGMENTS:
+        raise ValueError(f"{where}.video_segments must be one of {list(VIDEO_SEGMENTS)}, got "
+                         f"{show(t['video_segments'])}")
     sinks = t.get("sinks_per_image", 1)
     if not is_int(sinks) or sinks < 1:
         raise ValueError(f"{where}.sinks_per_image must be an int >= 1, got {show(sinks)}")
@@ -217,6 +220,11 @@ class Profile:
         for i, layer in enumerate(self.categories):
             lines.append(f"  layer {i:3d}: " + "".join(letters[c] for c in layer))
         lines.append("  (D dense, X intra_sink, I intra, S sink)")
+        videos = self.calibration.get("video_segments")
+        if isinstance(videos, dict) and "video" in videos and "frame" in videos:
+            lines.append(f"  video prompts ({videos.get('prompts')}), mean recall: " + "; ".join(
+                f"{choice}: " + ", ".join(f"{c} {v:.3f}" for c, v in videos[choice].items())
+                for choice in ("video", "frame")))
         return "\n".join(lines)
 
     # ---- calibration statistics ------------------------------------------------------------------

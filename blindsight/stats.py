@@ -26,6 +26,8 @@ FALLBACK_ADVICE = {
     "no_layout": "no input_ids reached this call's forward; pass input_ids, or wrap the call in "
                  "blindsight.use_layout(Layout.from_input_ids(...))",
     "layout_mismatch": "the layout's batch size or length differs from the attention call's",
+    "no_layer": "a graph compiled from one decoder layer ran outside that layer's forward, so its categories "
+                "are unknown; please report the model",
     "malformed_prompt": "the prompt's image delimiters are malformed (see blindsight.Layout.from_input_ids)",
     "no_template": "the profile has no template and none was given: pass BackendOptions(template=...)",
     "autograd": "BlindSight runs without autograd only: run inference under torch.no_grad() or "

@@ -86,6 +86,34 @@ def prompt(name: str, images: list, texts: list[int], seed: int = 0) -> dict:
     return out
 
 
+def video_prompt(name: str, media: list, texts: list[int], seed: int = 0) -> dict:
+    """A Qwen2/2.5-VL row of images and videos: ``media[i]`` is an image grid ``(h, w)`` in patches or a video
+    grid ``(t, h, w)`` (t temporal groups of two frames); ``texts[i]`` text tokens before item i and after the
+    last."""
+    g = torch.Generator().manual_seed(seed)
+    ids, types = [], []
+    pix, grids, vpix, vgrids = [], [], [], []
+    for i, n in enumerate(texts):
+        ids += _text(n, 7 * i + seed)
+        types += [0] * n
+        if i == len(media):
+            break
+        t, h, w = media[i] if len(media[i]) == 3 else (0, *media[i])
+        video = t > 0
+        count = max(t, 1) * h * w
+        ids += [252] + [251 if video else 250] * (count // 4) + [253]
+        types += [0] + [2 if video else 1] * (count // 4) + [0]
+        (vpix if video else pix).append(torch.randn(count, 1176, generator=g))
+        (vgrids if video else grids).append([max(t, 1), h, w])
+    out = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long),
+           "mm_token_type_ids": torch.tensor([types])}
+    if pix:
+        out["pixel_values"], out["image_grid_thw"] = torch.cat(pix), torch.tensor(grids)
+    if vpix:
+        out["pixel_values_videos"], out["video_grid_thw"] = torch.cat(vpix), torch.tensor(vgrids)
+    return out
+
+
 def batch(name: str, rows: list[dict]) -> dict:
     """Left-pad rows to one length and stack them."""
     S = max(r["input_ids"].shape[1] for r in rows)

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..layout import Template
 from ..lowering import resolve_lowering
+from ..template import Template
 
 __all__ = ["BackendOptions"]
 

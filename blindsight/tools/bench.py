@@ -21,13 +21,14 @@ from dataclasses import dataclass
 import torch
 
 from ..flops import attention_flops, prefill_flops
-from ..layout import Layout, Template, input_ids_from_spec
+from ..layout import Layout, input_ids_from_spec
 from ..lowering import layout_plan, resolve_lowering
 from ..masks import BaseMask, clear_block_mask_cache
 from ..masks.block import category_tiles
 from ..profile import ModelInfo, Profile
 from ..progress import median_time
 from ..progress import steps as progress_steps
+from ..template import Template
 from .presets import DEMO_LAYOUT, DEMO_MIX
 
 BENCH_TEMPLATE = Template((252,), (253,), (250,), 1)

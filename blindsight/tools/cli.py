@@ -15,9 +15,10 @@ import sys
 
 from .. import hf
 from ..categories import Category, parse_mix
-from ..layout import Layout, LayoutError, Template, parse_layout_spec
+from ..layout import Layout, parse_layout_spec
 from ..lowering import LOWERINGS
 from ..profile import ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
+from ..template import LayoutError, Template
 from .data import DataError
 from .presets import DEMO_LAYOUT, DEMO_MIX, QWEN2_VL_2B_TEXT
 

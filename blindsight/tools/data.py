@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from ..hf import image_text
-from ..layout import Template
+from ..template import Template
 
 __all__ = ["synthetic_samples", "jsonl_records", "jsonl_samples", "open_images", "load_processor", "image_marker",
            "DataError", "IMAGE_MARKER"]

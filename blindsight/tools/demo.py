@@ -26,9 +26,10 @@ import torch
 from .. import hf
 from ..calibrate import calibrate
 from ..fx import blindsight_backend
-from ..layout import Layout, Template, layout_from_ids, use_layout
+from ..layout import Layout, layout_from_ids, use_layout
 from ..progress import median_time
 from ..stats import stats
+from ..template import Template
 from ..zoo import MODEL_DIR, ShapesProcessor
 from ..zoo.shapes import make_records
 from .evaluate import Example, accuracy, by_task, compiled_language_model, flop_reductions, make_examples

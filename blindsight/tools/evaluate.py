@@ -23,10 +23,11 @@ import torch
 from .. import hf
 from ..flops import prefill_flops
 from ..fx import blindsight_backend
-from ..layout import Layout, Template, use_layout
+from ..layout import Layout, use_layout
 from ..profile import Profile
 from ..progress import progress_bar
 from ..stats import stats
+from ..template import Template
 
 __all__ = ["Example", "make_examples", "jsonl_examples", "accuracy", "compiled_language_model",
            "EvalResult", "evaluate"]

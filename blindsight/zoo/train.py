@@ -30,7 +30,8 @@ import time
 import numpy as np
 import torch
 
-from ..layout import Layout, Template
+from ..layout import Layout
+from ..template import Template
 from .processor import ShapesProcessor
 from .shapes import COLORS, IMAGE_SIZE, SHAPES, TASKS, follow_up_questions, make_record, vocabulary
 
