@@ -25,6 +25,15 @@ TEXT, PAD, IMG, VID, OPEN, CLOSE = 5, 0, 250, 251, 252, 253
 FLAT = Template((OPEN,), (CLOSE,), (IMG, VID), video_token_ids=(VID,))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """This module compiles many models whose code objects other modules compile too (one Qwen2 decoder serves
+    several families): start and leave Dynamo's caches empty, so no module meets another's recompile count."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 # ---- the layout against the definition -------------------------------------------------------------------------
 
 def scan_row(ids, grids, template: Template):

@@ -21,6 +21,15 @@ from blindsight import Layout, ProfileMismatchError, Template, blindsight_backen
 from tiny_models import mixed_profile, reference_attention
 
 
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """This module compiles many models whose code objects other modules compile too (one Qwen2 decoder serves
+    several families): start and leave Dynamo's caches empty, so no module meets another's recompile count."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
 @dataclass(frozen=True)
 class Family:
     images: list  # three images of different sizes (the builder's units)
@@ -30,9 +39,10 @@ class Family:
     segments: int = 3  # image segments the prompt's ids show
 
 
+QWEN3 = Template((252,), (253,), (250, 251), video_token_ids=(251,))
 FAMILIES = {
-    "qwen3_vl": Family([(64, 96), (32, 32), (96, 128)], [3, 2, 1, 4], Template((252,), (253,), (250, 251)), "config"),
-    "qwen3_vl_moe": Family([(64, 96), (32, 32), (96, 128)], [3, 2, 1, 4], Template((252,), (253,), (250, 251)),
+    "qwen3_vl": Family([(64, 96), (32, 32), (96, 128)], [3, 2, 1, 4], QWEN3, "config"),
+    "qwen3_vl_moe": Family([(64, 96), (32, 32), (96, 128)], [3, 2, 1, 4], QWEN3,
                            "config"),
     "glm4v": Family([(56, 84), (28, 56), (84, 112)], [3, 2, 1, 4], Template((246,), (247,), (250, 251)), "config"),
     "gemma3n": Family([(48, 64), (32, 32), (64, 40)], [3, 2, 1, 4], Template((190,), (192,), (193,)), "config"),
@@ -168,3 +178,13 @@ def test_a_profile_of_another_family_is_refused(family, name):
         torch.compile(model, backend=blindsight_backend(foreign, compile_dense=False))(**family(name)[3])
     chain = [e.value, e.value.__cause__, getattr(e.value, "inner_exception", None)]
     assert any(isinstance(x, ProfileMismatchError) for x in chain), e.value
+
+
+@pytest.mark.parametrize("name", ["qwen3_vl", "idefics3"])
+def test_template_from_pretrained(family, name, tmp_path):
+    """A saved model directory: the config's ids (Qwen3-VL), else its processor's (Idefics3)."""
+    model = family(name)[0]
+    model.config.save_pretrained(tmp_path)
+    if FAMILIES[name].source == "processor":
+        family_processor(name).save_pretrained(tmp_path)
+    assert Template.from_pretrained(tmp_path) == FAMILIES[name].template
