@@ -192,3 +192,24 @@ def test_calibration_reports_recall_for_both_video_choices(video_models, name):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert report["frame"]["intra"] == pytest.approx(float(want[..., 1].mean()), abs=1e-5)
     assert "video prompts (1)" in profile.summary()
+
+
+def test_glm4v_video_frames_are_images_of_their_own():
+    """GLM-4V writes each frame group of a video as an image pair (``<|begin_of_image|>`` ... ``<|end_of_image|>``,
+    then its timestamp), inside a text ``<|begin_of_video|>`` ... ``<|end_of_video|>``: one segment per group."""
+    from families import glm4v
+
+    model = glm4v.build()
+    inp = glm4v.video_prompt([(4, 28, 56), (3, 56, 56)], [3, 2, 4])  # 2 + 2 frame groups
+    template = Template.from_config(model.config)
+    layout = Layout.from_input_ids(inp["input_ids"], template)
+    assert int(layout.num_images[0]) == 4
+    profile = with_template(mixed_profile(model), template)
+    with reference_attention(model, layout, profile):
+        ref = logits(model, inp)
+    assert (ref - logits(model, inp)).abs().max() > 1e-3
+    compiled = torch.compile(model, backend=blindsight_backend(profile, compile_dense=False, only_if_faster=False),
+                             dynamic=False)
+    blindsight.reset_stats()
+    torch.testing.assert_close(logits(compiled, inp), ref, atol=1e-5, rtol=1e-5)
+    assert blindsight.stats().get("sparse_calls") == profile.model.num_layers
