@@ -23,7 +23,7 @@ from .lowering import dense_attention, sparse_attention
 from .profile import Profile, check_template
 from .stats import record_fallback
 
-__all__ = ["attach", "detach", "ATTENTION_NAME"]
+__all__ = ["attach", "detach", "is_attached", "ATTENTION_NAME"]
 
 ATTENTION_NAME = "blindsight"
 
@@ -114,3 +114,8 @@ def detach(model: torch.nn.Module) -> torch.nn.Module:
     if previous is not None:
         model.set_attn_implementation({key: previous} if key else previous)
     return model
+
+
+def is_attached(model: torch.nn.Module) -> bool:
+    """Is ``model`` attached (:func:`attach` called and not undone)?"""
+    return "_blindsight_previous" in model.__dict__
