@@ -3,8 +3,9 @@
 A category says which image-image (query, key) pairs a head keeps; pairs with a text query or a text key are
 always kept. Calibration measures, per head, the *recall* each sparse category would keep; the decision takes
 a quantile of it over prompts and picks the cheapest category whose recall reaches its threshold, else DENSE.
-This module holds the categories, that rule and the parsing of its settings (thresholds, quantile, forced-dense
-layers, a per-layer head mix); :mod:`blindsight.calibrate` measures, :mod:`blindsight.profile` stores.
+This module holds the categories, that rule and the parsing of its settings (thresholds, for all layers or per
+layer, quantile, forced-dense layers, a per-layer head mix); :mod:`blindsight.calibrate` measures,
+:mod:`blindsight.profile` stores, :mod:`blindsight.tune` searches the thresholds.
 """
 
 from __future__ import annotations

@@ -464,8 +464,8 @@ def format_tune(result, source: str) -> str:
         lines.append(f"chosen: #{c.number} ({c.stage}), attention FLOPs -{100 * c.attention_flop_reduction:.1f}%, "
                      f"held-out accuracy {100 * c.accuracy:.1f}% (dense {100 * result.dense_accuracy:.1f}%); "
                      f"thresholds {_thresholds_text(c.threshold_setting())}")
-    lines.append(f"{result.evaluations} evaluations{' (max-evals reached)' if result.stopped else ''}, "
-                 f"{result.seconds:.0f} s")
+    lines.append(f"{result.evaluations} candidate evaluations{' (--max-evals reached)' if result.stopped else ''}; "
+                 f"{result.seconds:.0f} s in all (the dense reference and the test split included)")
     t = result.test
     if t:
         lines.append(f"test split ({t['source']}, {t['prompts']} prompts): dense {100 * t['accuracy_dense']:.1f}%, "
