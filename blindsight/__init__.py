@@ -5,7 +5,8 @@ The public surface (everything else is reachable from its module, with no promis
 - run a model sparse: :func:`blindsight_backend` (``torch.compile(model, backend=blindsight_backend(profile))``)
   with :class:`BackendOptions`, or eagerly :func:`attach` / :func:`detach`;
 - profiles: :class:`Profile` (load, save, decide, recall), :class:`ModelInfo`, :class:`Category`,
-  :func:`calibrate`;
+  :func:`calibrate`, and :func:`tune` with :class:`TuneConfig` (the fewest attention FLOPs within an accuracy
+  budget of dense, on held-out examples);
 - where the images are: :class:`Template`, :class:`Layout`, :func:`use_layout`, :func:`parse_layout_spec`,
   :func:`input_ids_from_spec`;
 - masks: :class:`BaseMask`, :func:`build_block_mask`, :func:`reference_mask` (more in :mod:`blindsight.masks`);
@@ -26,6 +27,7 @@ from .masks import BaseMask, build_block_mask, reference_mask
 from .profile import ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
 from .stats import reset_stats, sparse_fraction, stats
 from .template import LayoutError, Template
+from .tune import TuneConfig, tune
 from .version import __version__
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "ModelInfo",
     "Category",
     "calibrate",
+    "tune",
+    "TuneConfig",
     # layouts
     "Template",
     "Layout",

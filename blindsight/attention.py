@@ -24,7 +24,7 @@ from .profile import Profile, check_template
 from .stats import record_fallback
 from .template import Template
 
-__all__ = ["attach", "detach", "ATTENTION_NAME"]
+__all__ = ["attach", "detach", "is_attached", "ATTENTION_NAME"]
 
 ATTENTION_NAME = "blindsight"
 
@@ -115,3 +115,8 @@ def detach(model: torch.nn.Module) -> torch.nn.Module:
     if previous is not None:
         model.set_attn_implementation({key: previous} if key else previous)
     return model
+
+
+def is_attached(model: torch.nn.Module) -> bool:
+    """Is ``model`` attached (:func:`attach` called and not undone)?"""
+    return "_blindsight_previous" in model.__dict__

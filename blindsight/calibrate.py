@@ -22,7 +22,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from .categories import SPARSE_CATEGORIES, Category, check_dense_layers, check_quantile, normalize_thresholds
+from .categories import SPARSE_CATEGORIES, Category, check_dense_layers, check_quantile, layer_thresholds
 from .hf import UnsupportedAttentionError, language_model_layer, not_sdpa_message
 from .layout import Layout
 from .profile import ModelInfo, Profile
@@ -178,7 +178,7 @@ def calibrate(
     # the profile carries the template it was measured with (the families whose config does not name it too)
     info = dataclasses.replace(ModelInfo.from_config(model), template=template.to_dict())
     # fail before the long run, not when deciding after it
-    normalize_thresholds(thresholds)
+    layer_thresholds(thresholds, info.num_layers)
     check_quantile(quantile)
     check_dense_layers(dense_layers, info.num_layers)
     rank, world = _dist_rank_world()

@@ -3,8 +3,9 @@
 A category says which image-image (query, key) pairs a head keeps; pairs with a text query or a text key are
 always kept. Calibration measures, per head, the *recall* each sparse category would keep; the decision takes
 a quantile of it over prompts and picks the cheapest category whose recall reaches its threshold, else DENSE.
-This module holds the categories, that rule and the parsing of its settings (thresholds, quantile, forced-dense
-layers, a per-layer head mix); :mod:`blindsight.calibrate` measures, :mod:`blindsight.profile` stores.
+This module holds the categories, that rule and the parsing of its settings (thresholds, for all layers or per
+layer, quantile, forced-dense layers, a per-layer head mix); :mod:`blindsight.calibrate` measures,
+:mod:`blindsight.profile` stores, :mod:`blindsight.tune` searches the thresholds.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ import torch
 from .values import as_integer, is_number, show
 
 __all__ = ["Category", "SPARSE_CATEGORIES", "DECISION_ORDER", "DEFAULT_THRESHOLD", "normalize_thresholds",
-           "check_quantile", "check_dense_layers", "aggregate_recall", "decide_categories", "parse_mix"]
+           "layer_thresholds", "thresholds_setting", "check_quantile", "check_dense_layers", "aggregate_recall",
+           "decide_categories", "parse_mix"]
 
 
 class Category(IntEnum):
@@ -83,6 +85,33 @@ def normalize_thresholds(thresholds) -> dict[Category, float]:
     return out
 
 
+def layer_thresholds(thresholds, num_layers: int) -> list[dict[Category, float]]:
+    """The thresholds of each layer: one setting for all layers (a number or mapping, as
+    :func:`normalize_thresholds`), or a list of ``num_layers`` such settings, one per layer. ValueError names what
+    is wrong."""
+    if isinstance(thresholds, (list, tuple)):
+        if len(thresholds) != num_layers:
+            raise ValueError(f"per-layer thresholds must have one entry per layer ({num_layers}), got "
+                             f"{len(thresholds)}")
+        out = []
+        for layer, t in enumerate(thresholds):
+            if isinstance(t, (list, tuple)):
+                raise ValueError(f"thresholds[{layer}] must be a number or a mapping {{category: number}}, got {t!r}")
+            try:
+                out.append(normalize_thresholds(t))
+            except ValueError as e:
+                raise ValueError(f"thresholds[{layer}]: {e}") from None
+        return out
+    return [normalize_thresholds(thresholds)] * num_layers
+
+
+def thresholds_setting(per_layer: Sequence[Mapping[Category, float]]) -> dict | list[dict]:
+    """What a profile stores for per-layer thresholds: one mapping ``{name: number}`` when every layer has the
+    same, else a list of one mapping per layer."""
+    named = [{c.json_name: float(t[c]) for c in SPARSE_CATEGORIES} for t in per_layer]
+    return named[0] if all(t == named[0] for t in named) else named
+
+
 def check_quantile(quantile) -> float:
     """The quantile over prompts as a float in [0, 1]; ValueError otherwise."""
     if not is_number(quantile):
@@ -117,9 +146,10 @@ def aggregate_recall(recalls: torch.Tensor, quantile: float) -> torch.Tensor:
 
 
 def decide_categories(agg: torch.Tensor, thresholds, dense_layers: Sequence[int] = ()) -> list[list[Category]]:
-    """Cheapest category whose aggregated recall ``agg [L, H, 3]`` reaches its threshold, else DENSE."""
-    th = normalize_thresholds(thresholds)
+    """Cheapest category whose aggregated recall ``agg [L, H, 3]`` reaches its threshold, else DENSE.
+    ``thresholds``: one setting for all layers or a list of one per layer (:func:`layer_thresholds`)."""
     num_layers, num_heads, _ = agg.shape
+    per_layer = layer_thresholds(thresholds, num_layers)
     dense_layers = check_dense_layers(dense_layers, num_layers)
     out = []
     for layer in range(num_layers):
@@ -129,7 +159,7 @@ def decide_categories(agg: torch.Tensor, thresholds, dense_layers: Sequence[int]
             if layer not in dense_layers:
                 for c in DECISION_ORDER:
                     r = agg[layer, head, SPARSE_CATEGORIES.index(c)]
-                    if not torch.isnan(r) and r >= th[c]:
+                    if not torch.isnan(r) and r >= per_layer[layer][c]:
                         choice = c
                         break
             row.append(choice)

@@ -22,7 +22,8 @@ from .categories import (
     check_dense_layers,
     check_quantile,
     decide_categories,
-    normalize_thresholds,
+    layer_thresholds,
+    thresholds_setting,
 )
 from .template import VIDEO_SEGMENTS, Template
 from .values import is_int, is_number, show
@@ -35,13 +36,18 @@ __all__ = [
     "ProfileMismatchError",
     "PROFILE_FORMAT",
     "PROFILE_VERSION",
+    "READABLE_VERSIONS",
+    "file_version",
     "check_scores",
     "check_template",
     "check_template_dict",
 ]
 
 PROFILE_FORMAT = "blindsight-profile"
-PROFILE_VERSION = 1
+# version 2 is version 1 whose calibration.thresholds is a list of one mapping per layer (blindsight tune's per-layer
+# thresholds); a profile is written as version 1 whenever its thresholds are one mapping for all layers
+PROFILE_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 # a stored recall is 1 - (float32 sums of probabilities) / rows: it may leave [0, 1] by rounding, not by more
 RECALL_SLACK = 1e-3
 
@@ -244,15 +250,15 @@ class Profile:
 
     def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> Profile:
         """A new profile decided from the stored per-prompt statistics (no model run). Unset arguments keep
-        this profile's settings."""
+        this profile's settings. ``thresholds``: one number, a mapping ``{category: number}``, or a list of one
+        of those per layer."""
         cal = dict(self.calibration)
-        th = normalize_thresholds(cal.get("thresholds") if thresholds is None else thresholds)
+        th = layer_thresholds(cal.get("thresholds") if thresholds is None else thresholds, self.model.num_layers)
         quantile = check_quantile(cal.get("quantile", 0.0) if quantile is None else quantile)
         dense_layers = check_dense_layers(cal.get("dense_layers", ()) if dense_layers is None else dense_layers,
                                           self.model.num_layers)
         cats = decide_categories(aggregate_recall(self._recalls(), quantile), th, dense_layers)
-        cal.update(thresholds={c.json_name: v for c, v in th.items()}, quantile=quantile,
-                   dense_layers=list(dense_layers))
+        cal.update(thresholds=thresholds_setting(th), quantile=quantile, dense_layers=list(dense_layers))
         return Profile(self.model, tuple(tuple(layer) for layer in cats), cal, self.scores)
 
     # ---- file format ----------------------------------------------------------------------------
@@ -261,7 +267,7 @@ class Profile:
         calibration.setdefault("tool_version", __version__)
         return {
             "format": PROFILE_FORMAT,
-            "version": PROFILE_VERSION,
+            "version": file_version(calibration),
             "model": asdict(self.model),
             "calibration": calibration,
             "scores": self.scores,
@@ -279,11 +285,11 @@ class Profile:
         :class:`ProfileFormatError` that names it, never a coerced value or a later IndexError."""
         if not isinstance(d, dict) or d.get("format") != PROFILE_FORMAT:
             raise ProfileFormatError(f"{source}: not a BlindSight profile (expected \"format\": \"{PROFILE_FORMAT}\")")
-        _check_version(d.get("version"), source)
+        version = _check_version(d.get("version"), source)
         try:
             model = ModelInfo(**_model_fields(d.get("model")))
             categories = _file_categories(d.get("categories"))
-            calibration = _calibration_settings(d.get("calibration"), model)
+            calibration = _calibration_settings(d.get("calibration"), model, version)
             scores = d.get("scores")
             if scores is not None:
                 check_scores(scores, model.num_layers, model.num_heads)
@@ -335,14 +341,22 @@ def check_template(template: Template, config, explicit: bool) -> None:
                 "the right BackendOptions(template=...)")
 
 
-def _check_version(version, source: str) -> None:
+def file_version(calibration: Mapping) -> int:
+    """The format version a profile with this ``calibration`` block is written as: 2 for per-layer thresholds
+    (which a version-1 reader would not apply when it re-decides), else 1, which every BlindSight reads."""
+    return 2 if isinstance(calibration.get("thresholds"), (list, tuple)) else 1
+
+
+def _check_version(version, source: str) -> int:
     if not is_int(version):  # 1.0 and true compare equal to 1 but are not what any BlindSight wrote
-        raise ProfileFormatError(f'{source}: "version" must be the integer {PROFILE_VERSION}, got {show(version)}')
-    if version != PROFILE_VERSION:
+        raise ProfileFormatError(f'{source}: "version" must be an integer (1 or 2), got {show(version)}')
+    if version not in READABLE_VERSIONS:
         raise ProfileFormatError(
-            f"{source}: profile format version {version!r} is not supported (this BlindSight reads version "
-            f"{PROFILE_VERSION})" + ("; upgrade blindsight to read it." if version > PROFILE_VERSION else ".")
+            f"{source}: profile format version {version!r} is not supported (this BlindSight reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))})"
+            + ("; upgrade blindsight to read it." if version > PROFILE_VERSION else ".")
         )
+    return version
 
 
 def _model_fields(m) -> dict:
@@ -372,17 +386,24 @@ def _file_categories(categories) -> tuple[tuple[str, ...], ...]:
     return tuple(tuple(layer) for layer in categories)
 
 
-def _calibration_settings(calibration, model: ModelInfo) -> dict:
+def _calibration_settings(calibration, model: ModelInfo, version: int = 1) -> dict:
     """The ``calibration`` object; the settings :meth:`Profile.decide` reuses are checked now, not at a later
-    decide."""
+    decide, and so are the version they need and the type of the ``tune`` record (``blindsight tune``)."""
     if calibration is None:
-        return {}
+        calibration = {}
     if not isinstance(calibration, dict):
         raise ValueError(f"calibration must be an object, got {show(calibration)}")
+    needs = file_version(calibration)
+    if needs != version:
+        raise ValueError("calibration.thresholds is a list of per-layer thresholds, which needs format version 2"
+                         if needs == 2 else "format version 2 is for per-layer calibration.thresholds (a list of one "
+                         "mapping per layer), but this file has one setting for all layers: write it as version 1")
+    if "tune" in calibration and not isinstance(calibration["tune"], dict):
+        raise ValueError(f"calibration.tune must be an object, got {show(calibration['tune'])}")
     if not {"thresholds", "quantile", "dense_layers"} & calibration.keys():
         return dict(calibration)  # hand-made: nothing to check
     try:
-        normalize_thresholds(calibration.get("thresholds"))
+        layer_thresholds(calibration.get("thresholds"), model.num_layers)
         check_quantile(calibration.get("quantile", 0.0))
         check_dense_layers(calibration.get("dense_layers", ()), model.num_layers)
     except ValueError as e:

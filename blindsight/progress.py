@@ -1,4 +1,4 @@
-"""Progress bars and warm timings of long runs (calibration, evaluation, the demo and the benchmarks).
+"""Progress bars and warm timings of long runs (calibration, evaluation, tuning, the demo and the benchmarks).
 
 tqdm is imported only when a bar is shown.
 """
@@ -9,7 +9,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["progress_bar", "steps", "median_time"]
+__all__ = ["progress_bar", "steps", "StatusBar", "median_time"]
 
 
 def progress_bar(items: Iterable, enabled: bool, desc: str, unit: str = "it") -> Iterable:
@@ -33,6 +33,34 @@ def steps(enabled: bool, total: int, desc: str) -> Iterator[None]:
     else:
         while True:
             yield None
+
+
+class StatusBar:
+    """A bar of an unknown number of steps whose description and status text change as it goes (the tuner's:
+    which candidate runs, and the best so far); does nothing when not ``enabled``."""
+
+    def __init__(self, enabled: bool, desc: str, unit: str = "it"):
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(desc=desc, unit=unit)
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def show(self, desc: str | None = None, status: str | None = None) -> None:
+        if self.bar is not None:
+            if desc is not None:
+                self.bar.set_description_str(desc, refresh=False)
+            if status is not None:
+                self.bar.set_postfix_str(status, refresh=False)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def median_time(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:

@@ -117,3 +117,21 @@ def test_hand_made_profile_has_no_statistics():
     p = Profile.uniform("dense", blindsight.ModelInfo("x", 1, 2, 1, 4))
     with pytest.raises(ValueError, match="no calibration statistics"):
         p.decide(thresholds=0.9)
+
+
+def test_per_layer_thresholds_decide_each_layer_as_its_own(qwen):
+    """A list of thresholds, one per layer: layer i is decided as the whole profile would be with entry i."""
+    p = blindsight.calibrate(qwen, samples(), progress=False)
+    loose, strict = p.decide(thresholds=0.5), p.decide(thresholds=1.0)
+    assert loose.categories[1] != strict.categories[1]
+    mixed = p.decide(thresholds=[0.5, {"sink": 1.0, "intra": 1.0, "intra_sink": 1.0}])
+    assert mixed.categories == (loose.categories[0], strict.categories[1])
+    assert isinstance(mixed.calibration["thresholds"], list) and mixed.to_dict()["version"] == 2
+    assert mixed.decide().categories == mixed.categories
+    # the same entry for every layer is stored as one mapping, in a version-1 file
+    same = p.decide(thresholds=[0.5, 0.5])
+    assert same.calibration["thresholds"] == loose.calibration["thresholds"] and same.to_dict()["version"] == 1
+    with pytest.raises(ValueError, match=r"one entry per layer \(2\), got 3"):
+        p.decide(thresholds=[0.5] * 3)
+    with pytest.raises(ValueError, match=r"thresholds\[1\]: threshold of sink must be in \[0, 1\], got 2"):
+        p.decide(thresholds=[0.5, {"sink": 2}])

@@ -48,7 +48,8 @@ def test_corrupt_json(tmp_path):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(version=2), "version 2 is not supported.*upgrade blindsight"),
+    (lambda d: d.update(version=3), "version 3 is not supported.*upgrade blindsight"),
+    (lambda d: d.update(version=2), "version 2 is for per-layer calibration.thresholds"),
     (lambda d: d.update(version=0), "version 0 is not supported"),
     (lambda d: d.update(format="something"), "not a BlindSight profile"),
     (lambda d: d["categories"][0].__setitem__(0, "sparse"), "unknown category 'sparse'"),
@@ -96,8 +97,8 @@ def set_recall(d, value):
 
 
 @pytest.mark.parametrize("mutate, message", [
-    (lambda d: d.update(version=1.0), r'"version" must be the integer 1, got 1\.0'),
-    (lambda d: d.update(version=True), r'"version" must be the integer 1, got True'),
+    (lambda d: d.update(version=1.0), r'"version" must be an integer \(1 or 2\), got 1\.0'),
+    (lambda d: d.update(version=True), r'"version" must be an integer \(1 or 2\), got True'),
     (lambda d: d["categories"][1].__setitem__(2, 2.7), r"categories\[1\]\[2\]: unknown category 2\.7; expected"),
     (lambda d: d["categories"][0].__setitem__(0, True), r"categories\[0\]\[0\]: unknown category True; expected"),
     (lambda d: d["model"].update(template="qwen"), r"model\.template must be an object"),

@@ -67,6 +67,18 @@ def unit_float(text: str) -> float:
     return value
 
 
+def budget_points(text: str) -> float:
+    """An accuracy budget: points (percent of the held-out prompts) in [0, 100]."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value <= 100.0:
+        raise argparse.ArgumentTypeError(f"expected accuracy points in [0, 100] (1.0 = one percent of the held-out "
+                                         f"prompts), got {text!r}")
+    return value
+
+
 def unit_floats(text: str) -> list[float]:
     """Comma-separated numbers in [0, 1] ('' for none)."""
     try:
@@ -164,8 +176,8 @@ def _check_prompts(path: str, limit: int | None, need_answers: bool = False, nee
     if not used:
         raise UserError(f"{path}: no prompts (the file has no JSON lines)")
     if need_images and not with_images:
-        raise UserError(f"{path}: none of the {used} prompts used has an image; calibration measures attention "
-                        "between images")
+        raise UserError(f"{path}: none of the {used} prompts used has an image; BlindSight calibrates and tunes "
+                        "attention between images")
 
 
 def _check_model_dir(path: str) -> None:
@@ -245,8 +257,9 @@ def cmd_flops(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import DemoConfig, format_report, run_demo
 
-    cfg = DemoConfig(calibration_samples=args.calibration_samples, benchmark_samples=args.samples,
-                     threshold=args.threshold, repeat=args.repeat, png=args.png or None, progress=not args.json)
+    cfg = DemoConfig(calibration_samples=args.calibration_samples, holdout_samples=args.holdout_samples,
+                     benchmark_samples=args.samples, threshold=args.threshold, budget=args.budget, repeat=args.repeat,
+                     png=args.png or None, frontier_png=args.frontier_png or None, progress=not args.json)
     result = run_demo(cfg)
     if args.json:
         result.pop("profile_summary")
@@ -358,6 +371,125 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _tune_examples(path: str, processor, model_type: str, limit: int | None, pad_to: int):
+    from .evaluate import jsonl_examples
+
+    return jsonl_examples(path, processor, model_type, limit, pad_to)
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+
+
+def cmd_tune(args) -> int:
+    from ..calibrate import calibrate
+    from ..tune import HoldoutError, TuneConfig, tune
+    from .data import jsonl_samples, load_processor
+
+    try:  # the search's settings are argument errors: checked before anything loads
+        config = TuneConfig(budget=args.budget, per_layer=not args.no_per_layer, search=args.search,
+                            max_evals=args.max_evals, early_stop=not args.no_early_stop, path=args.path)
+    except ValueError as e:
+        raise UserError(str(e)) from e
+    if args.test and _same_file(args.test, args.holdout):
+        raise UserError(f"--test {args.test} is the held-out file: the test split must be a third one, apart from "
+                        "the prompts the search chose on")
+    if args.data:
+        _check_prompts(args.data, args.samples, need_images=True)
+    _check_prompts(args.holdout, args.holdout_samples, need_answers=True, need_images=True)
+    if args.test:
+        _check_prompts(args.test, args.test_samples, need_answers=True)
+    given = None
+    if args.profile:
+        given = Profile.load(args.profile)
+        _redecide_check(given, args.profile, "tune")
+        if given.model.template is None:
+            raise UserError(f"{args.profile}: the profile has no image template; calibrate the model to get one")
+    _check_model_dir(args.model)
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(args.model).model_type
+    processor = load_processor(args.model)  # seconds, where the model takes minutes: first
+    pad_to = args.pad_to or (64 if args.path == "compiled" else 1)
+    holdout = _tune_examples(args.holdout, processor, model_type, args.holdout_samples, pad_to)
+    test = _tune_examples(args.test, processor, model_type, args.test_samples, pad_to) if args.test else None
+    model = load_model(args.model, args.dtype, args.device)
+    if given is None:
+        _check_calibratable(model, args)
+        samples = jsonl_samples(args.data, processor, model.config.model_type, limit=args.samples)
+        given = calibrate(model, samples, thresholds=args.threshold, quantile=args.quantile or 0.0,
+                          dense_layers=args.dense_layers, progress=not args.json,
+                          source=f"{args.data} (model {args.model})")
+    else:
+        given.check_model(model)
+        if args.threshold is not None or args.quantile is not None or args.dense_layers:
+            _check_calibratable(model, args)
+            given = given.decide(thresholds=args.threshold, quantile=args.quantile,
+                                 dense_layers=args.dense_layers or None)
+    try:
+        result = tune(model, given, holdout, config, test=test, progress=not args.json, holdout_source=args.holdout,
+                      test_source=args.test or "test examples")
+    except HoldoutError as e:  # e.g. the file's answers are not this model's (dense accuracy 0)
+        raise UserError(f"{args.holdout}: {e}") from e
+    result.profile.save(args.out)
+    if args.png:
+        from .viz import plot_frontier
+
+        plot_frontier(result, args.png)
+    if args.json:
+        print(json.dumps(dict(result.to_dict(), out=args.out, png=args.png or None), indent=1))
+        return 0
+    print(format_tune(result, args.holdout))
+    print(result.profile.summary())
+    if args.png:
+        print(f"frontier drawn to {args.png}")
+    print(f"profile written to {args.out}")
+    return 0
+
+
+def format_tune(result, source: str) -> str:
+    """The candidates tried, the chosen one and the test split, as ``blindsight tune`` prints them."""
+    n, cfg = result.holdout_size, result.config
+    allowed = math.floor(cfg.budget * n / 100 + 1e-9)
+    from ..tune import points
+
+    lines = [f"{n} held-out prompts from {source}: dense accuracy {100 * result.dense_accuracy:.1f}%; budget "
+             f"{points(cfg.budget)} (at most {allowed} prompt{'s' if allowed != 1 else ''} lost, net)",
+             f"{'#':>3}  {'stage':<18}{'heads d/x/i/s':>14}{'attn FLOPs':>12}{'accuracy':>11}  within budget"]
+    for t in result.trials:
+        heads = "/".join(str(v) for v in t.counts().values())
+        acc = f"{100 * t.accuracy:.1f}%" if t.complete else f"<={100 * t.accuracy_bound:.1f}%"
+        note = "yes" if t.feasible else ("no" if t.complete else f"no (stopped after {t.scored})")
+        lines.append(f"{t.number:>3}  {t.stage:<18}{heads:>14}{-100 * t.attention_flop_reduction:>11.1f}%"
+                     f"{acc:>11}  {note}")
+    c = result.chosen
+    if c is None:
+        lines.append("no candidate kept the accuracy within the budget: the profile is all dense")
+    else:
+        lines.append(f"chosen: #{c.number} ({c.stage}), attention FLOPs -{100 * c.attention_flop_reduction:.1f}%, "
+                     f"held-out accuracy {100 * c.accuracy:.1f}% (dense {100 * result.dense_accuracy:.1f}%); "
+                     f"thresholds {_thresholds_text(c.threshold_setting())}")
+    lines.append(f"{result.evaluations} candidate evaluations{' (--max-evals reached)' if result.stopped else ''}; "
+                 f"{result.seconds:.0f} s in all (the dense reference and the test split included)")
+    t = result.test
+    if t:
+        lines.append(f"test split ({t['source']}, {t['prompts']} prompts): dense {100 * t['accuracy_dense']:.1f}%, "
+                     f"given {100 * t['accuracy_given']:.1f}%, chosen {100 * t['accuracy_chosen']:.1f}%")
+    else:
+        lines.append("no test split (--test): the chosen profile's held-out accuracy is optimistic, being the best "
+                     "of the candidates tried")
+    return "\n".join(lines)
+
+
+def _thresholds_text(setting) -> str:
+    def one(m):
+        return ", ".join(f"{k} {v:.4g}" for k, v in m.items())
+
+    if isinstance(setting, dict):
+        return one(setting)
+    return "; ".join(f"layer {i}: {one(m)}" for i, m in enumerate(setting))
+
+
 def cmd_inspect(args) -> int:
     from ..flops import attention_flops
 
@@ -369,6 +501,14 @@ def cmd_inspect(args) -> int:
         profile = profile.decide(thresholds=args.threshold)
     layout = _layout(args.layout, Template.from_dict(profile.model.template)) if args.layout else None
     print(profile.summary())
+    cal = profile.calibration
+    if "thresholds" in cal:
+        print(f"  thresholds: {_thresholds_text(cal['thresholds'])}; quantile {cal.get('quantile', 0.0)}; "
+              f"dense layers {cal.get('dense_layers', [])}")
+    if isinstance(cal.get("tune"), dict) and args.threshold is None:
+        from ..tune import format_tune_record
+
+        print("\n".join(format_tune_record(cal["tune"])))
     if layout is not None:
         f = attention_flops(layout, profile)
         print(f"layout {args.layout} ({layout.seq_len} tokens, {int(layout.num_images[0])} images): attention FLOPs "
@@ -421,14 +561,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true",
                    help="show the traceback of a user error (as does the environment variable BLINDSIGHT_DEBUG=1)")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="the shipped model: calibrate, accuracy dense vs BlindSight, FLOPs, prefill time",
+    d = sub.add_parser("demo", help="the shipped model: calibrate, tune, accuracy dense vs BlindSight (fixed and "
+                       "tuned), FLOPs, prefill time",
                        epilog=EPILOG)
     d.add_argument("--samples", type=positive_int, default=200, help="benchmark prompts (8 images each)")
     d.add_argument("--calibration-samples", type=positive_int, default=32)
-    d.add_argument("--threshold", type=unit_float, default=0.95, help="recall a sparse category must keep")
+    d.add_argument("--holdout-samples", type=positive_int, default=100,
+                   help="held-out prompts the tuning scores on (8 images each)")
+    d.add_argument("--threshold", type=unit_float, default=0.95,
+                   help="the fixed profile's recall threshold (the tuned one is searched)")
+    d.add_argument("--budget", type=budget_points, default=1.0,
+                   help="accuracy points the tuned profile may lose against dense on the held-out prompts")
     d.add_argument("--repeat", type=positive_int, default=5, help="timed prefill runs (median)")
     d.add_argument("--png", type=output_file, default="blindsight-profile.png",
                    help="where to draw the profile heatmap ('' for none)")
+    d.add_argument("--frontier-png", type=output_file, default="blindsight-frontier.png",
+                   help="where to draw the tuning frontier ('' for none)")
     d.add_argument("--json", action="store_true", help="print machine-readable numbers")
     d.set_defaults(func=cmd_demo)
 
@@ -456,6 +604,43 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--device", type=device_arg, default="cpu")
     c.add_argument("--seed", type=int, default=0, help="seed of the synthetic prompts")
     c.set_defaults(func=cmd_calibrate)
+
+    t = sub.add_parser("tune", help="search the thresholds for the fewest attention FLOPs within an accuracy budget "
+                       "of dense, on held-out prompts", epilog=EPILOG)
+    t.add_argument("model", help="a directory saved by save_pretrained (with its processor)")
+    src = t.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", help="calibration prompts (JSONL): calibrate first")
+    src.add_argument("--profile", help="a calibrated profile (its statistics) instead of --data")
+    t.add_argument("--holdout", required=True, help="held-out QA prompts (JSONL with answers) the search scores on")
+    t.add_argument("--out", type=output_file, required=True, help="where to write the tuned profile JSON")
+    t.add_argument("--budget", type=budget_points, default=1.0,
+                   help="accuracy points the tuned profile may lose against dense on the held-out prompts")
+    t.add_argument("--test", default=None, help="a third split (JSONL with answers): dense, given and tuned "
+                   "accuracy on it, the guard against overfitting the held-out prompts")
+    t.add_argument("--samples", type=positive_int, default=None, help="calibration prompts (default: all)")
+    t.add_argument("--holdout-samples", type=positive_int, default=None, help="first N held-out prompts")
+    t.add_argument("--test-samples", type=positive_int, default=None, help="first N test prompts")
+    t.add_argument("--threshold", type=unit_float, default=None,
+                   help="the given profile's threshold (default: 0.95, or --profile's own)")
+    t.add_argument("--quantile", type=unit_float, default=None, help="quantile over prompts (default 0, the worst)")
+    t.add_argument("--dense-layers", type=layer_list, default="", help="comma-separated layers kept dense")
+    t.add_argument("--search", default="bisect", choices=["bisect", "full"],
+                   help="bisect: the cheapest point of each ladder, then bisection; full: every point, every "
+                   "prompt (the whole frontier, more evaluations)")
+    t.add_argument("--max-evals", type=positive_int, default=64, help="candidate evaluations at most")
+    t.add_argument("--no-per-layer", action="store_true", help="one threshold per category for all layers")
+    t.add_argument("--no-early-stop", action="store_true",
+                   help="score every candidate on every prompt (exact accuracy of the rejected ones too)")
+    t.add_argument("--path", default="eager", choices=["eager", "compiled"],
+                   help="eager: blindsight.attach; compiled: torch.compile per candidate")
+    t.add_argument("--pad-to", type=positive_int, default=None,
+                   help="right-pad prompts to a multiple of this (default: 1 eager, 64 compiled)")
+    t.add_argument("--png", type=output_file, default=None, help="draw accuracy against attention FLOPs of every "
+                   "candidate tried, the chosen one marked")
+    t.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    t.add_argument("--device", type=device_arg, default="cpu")
+    t.add_argument("--json", action="store_true", help="print machine-readable results")
+    t.set_defaults(func=cmd_tune)
 
     i = sub.add_parser("inspect", help="print a profile, its FLOP reduction on a layout, draw its heatmap",
                        epilog=EPILOG)

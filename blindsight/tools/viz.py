@@ -97,3 +97,40 @@ def plot_sweep(points: list[dict], path, cross: int | None = None) -> None:
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+
+def plot_frontier(result, path) -> None:
+    """Held-out accuracy against attention FLOPs cut of every candidate ``blindsight tune`` tried (a
+    :class:`~blindsight.tune.TuneResult`): the dense model, the given profile, the budget line, the chosen point
+    marked; a candidate whose evaluation stopped early is drawn at the most it could have reached."""
+    from ..tune import points
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    dense, budget = 100 * result.dense_accuracy, result.config.budget
+    ax.axhline(dense - budget, color="gray", ls="--", lw=0.8, label=f"dense - budget ({points(budget)})")
+    ax.plot([0], [dense], "ks", label=f"dense ({dense:.1f}%)")
+    groups = {"within budget": ("o", "tab:green", []), "over budget": ("o", "tab:red", []),
+              "stopped early (at most)": ("v", "tab:red", [])}
+    for t in result.trials:
+        key = "within budget" if t.feasible else ("over budget" if t.complete else "stopped early (at most)")
+        groups[key][2].append((100 * t.attention_flop_reduction, 100 * t.accuracy_bound))
+    for label, (marker, color, xy) in groups.items():
+        if xy:
+            ax.plot(*zip(*xy), marker, color=color, ls="none", alpha=0.8, label=label)
+    if result.given is not None:
+        g = result.given
+        ax.plot([100 * g.attention_flop_reduction], [100 * g.accuracy_bound], "D", mfc="none", mec="tab:blue", ms=10,
+                label="given profile (fixed thresholds)")
+    c = result.chosen
+    x, y = (0.0, dense) if c is None else (100 * c.attention_flop_reduction, 100 * c.accuracy)
+    ax.plot([x], [y], "*", color="gold", mec="black", ms=16, label="chosen")
+    ax.set_xlabel("attention FLOPs cut on the held-out prompts (%)")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.set_title(f"blindsight tune: {len(result.trials)} candidates on {result.holdout_size} held-out prompts",
+                 fontsize=9)
+    ax.margins(y=0.15)
+    ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -30,8 +30,9 @@ COLORS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 240), "
           "purple": (160, 60, 200), "cyan": (40, 210, 220)}
 SHAPES = ("circle", "square", "triangle", "cross")
 TASKS = ("find", "count", "same", "color", "shape")
-# fixed seeds: the training, calibration and benchmark prompts never overlap in how they are drawn
-SPLITS = {"train": 1, "calibration": 2, "benchmark": 3}
+# fixed seeds: the training, calibration, benchmark and held-out prompts never overlap in how they are drawn
+# (holdout: what `blindsight tune` scores its candidates on, apart from the benchmark that reports the result)
+SPLITS = {"train": 1, "calibration": 2, "benchmark": 3, "holdout": 4}
 IMAGE_MARKER = "<image>"
 
 

@@ -161,6 +161,7 @@ def files(tmp_path):
 
 CALIBRATE = ["calibrate", "{model}", "--data", "{data}", "--out", "{out}"]
 EVAL = ["eval", "{model}", "--profile", "{profile}", "--data", "{data}"]
+TUNE = ["tune", "{model}", "--data", "{data}", "--holdout", "{data}", "--out", "{out}"]
 
 
 @pytest.mark.parametrize("args, words", [
@@ -170,6 +171,10 @@ EVAL = ["eval", "{model}", "--profile", "{profile}", "--data", "{data}"]
     (CALIBRATE + ["--quantile", "1.5"], ["argument --quantile", "in [0, 1]", "'1.5'"]),
     (CALIBRATE + ["--dense-layers", "a"], ["argument --dense-layers", "'a'"]),
     (EVAL + ["--samples", "0"], ["argument --samples", "positive integer"]),
+    (TUNE + ["--budget", "-1"], ["argument --budget", "[0, 100]", "'-1'"]),
+    (TUNE + ["--budget", "nan"], ["argument --budget", "'nan'"]),
+    (TUNE + ["--max-evals", "0"], ["argument --max-evals", "positive integer"]),
+    (TUNE + ["--search", "greedy"], ["argument --search", "'greedy'"]),
     pytest.param(CALIBRATE + ["--device", "cuda"], ["argument --device", "CUDA is not available"],
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")),
 ])
@@ -217,3 +222,45 @@ def test_help_documents_exit_status():
 
     text = " ".join(build_parser().format_help().split()).lower()
     assert "exit status 2" in text and "--debug" in text and "blindsight_debug=1" in text
+
+
+def test_tune_refuses_bad_held_out_files(tmp_path, files):
+    """An empty held-out file, one without answers, the test split equal to the held-out one: named, before any
+    model loads (the model path does not exist)."""
+    (tmp_path / "empty.jsonl").write_bytes(b"\n")
+    no_answer = _write(tmp_path, [{"images": ["a.png"], "text": "look <image> here", "answer": "x"},
+                                  {"images": ["a.png"], "text": "and <image> there"}])
+    args = ["tune", files["model"], "--data", files["data"], "--out", files["out"]]
+    assert_user_error(run_cli(*args, "--holdout", tmp_path / "empty.jsonl"), "empty.jsonl", "no prompts")
+    assert_user_error(run_cli(*args, "--holdout", no_answer), "data.jsonl, line 2", 'non-empty "answer"')
+    assert_user_error(run_cli(*args, "--holdout", files["data"], "--test", files["data"]), "--test", "held-out file")
+    assert_user_error(run_cli("tune", files["model"], "--holdout", files["data"], "--out", files["out"]),
+                      "one of the arguments --data --profile is required")
+
+
+def test_tune_refuses_a_held_out_file_for_another_model(tmp_path):
+    """Words the shipped model's processor does not know, an answer outside its vocabulary: the file and line."""
+    from PIL import Image
+
+    from blindsight.zoo import MODEL_DIR
+
+    Image.new("RGB", (96, 96)).save(tmp_path / "a.png")
+    good = {"images": ["a.png"], "text": "<image> image 1 : question : what color is in image 1 ? answer :",
+            "answer": "red"}
+    cal = _write(tmp_path, [good])
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps(good) + "\n" + json.dumps({"images": ["a.png"], "text": "w1 <image> w2 w3",
+                                                            "answer": "w4"}) + "\n")
+    args = ["tune", MODEL_DIR, "--data", cal, "--out", tmp_path / "p.json", "--holdout"]
+    assert_user_error(run_cli(*args, other), "other.jsonl, line 2", "another model")
+    unknown_answer = tmp_path / "answer.jsonl"
+    unknown_answer.write_text(json.dumps(dict(good, answer="zebra")) + "\n")
+    assert_user_error(run_cli(*args, unknown_answer), "answer.jsonl, line 1", "'zebra'", "vocabulary")
+    # words it knows, answers it never gives: nothing of dense accuracy to keep (found once the model ran, after
+    # its loading and progress bars: the error is the last line)
+    wrong = tmp_path / "wrong.jsonl"
+    wrong.write_text(json.dumps(dict(good, answer="question")) + "\n")
+    r = run_cli(*args, wrong, "--json")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("blindsight: error: ") and "wrong.jsonl: the dense model answers none of the 1" in last
