@@ -21,11 +21,11 @@ from . import hf
 from .categories import Category
 from .flops import prefill_flops
 from .layout import Layout, use_layout
-from .template import Template
 from .masks.block import pair_counts
 from .profile import Profile
 from .progress import progress_bar
 from .stats import stats
+from .template import Template
 
 __all__ = ["Example", "correct", "accuracy", "compiled_language_model", "by_task", "flop_reductions",
            "category_pairs"]
