@@ -415,15 +415,16 @@ def cmd_tune(args) -> int:
     test = _tune_examples(args.test, processor, model_type, args.test_samples, pad_to) if args.test else None
     model = load_model(args.model, args.dtype, args.device)
     if given is None:
-        _check_calibratable(model, args)
+        template = _check_calibratable(model, processor, args)
         samples = jsonl_samples(args.data, processor, model.config.model_type, limit=args.samples)
-        given = calibrate(model, samples, thresholds=args.threshold, quantile=args.quantile or 0.0,
+        given = calibrate(model, samples, template=template, thresholds=args.threshold,
+                          quantile=args.quantile or 0.0,
                           dense_layers=args.dense_layers, progress=not args.json,
                           source=f"{args.data} (model {args.model})")
     else:
         given.check_model(model)
         if args.threshold is not None or args.quantile is not None or args.dense_layers:
-            _check_calibratable(model, args)
+            _check_calibratable(model, processor, args)
             given = given.decide(thresholds=args.threshold, quantile=args.quantile,
                                  dense_layers=args.dense_layers or None)
     try:
