@@ -9,9 +9,10 @@
    SDPA, the reference) vs BlindSight (language model compiled with ``blindsight_backend``) with the fixed and
    the tuned profile; their attention and whole-prefill FLOP reductions on the benchmark's prompts.
 5. Prefill time of one benchmark prompt's language model (its inputs captured from one full forward, so the
-   vision tower is not timed), compiled by Inductor dense vs with BlindSight's defaults, warm, median of
-   ``repeat`` runs. At this length the cost model runs the attention dense (``not_faster``), so the ratio
-   is ~1.0x; then the same language model on a longer synthetic prompt (``long_layout``), where it runs sparse.
+   vision tower is not timed), compiled by Inductor dense vs with BlindSight's defaults, warm, medians of
+   ``20 * repeat`` alternating calls. At this length the cost model runs the attention dense (``not_faster``),
+   so the ratio is ~1.0x; then the same language model on a longer synthetic prompt (``long_layout``), where it
+   runs sparse.
 
 Accuracy is measured with ``only_if_faster=False`` (every call sparse): it is sparse attention's accuracy
 that is in question, whatever the cost model would choose at this length.
@@ -33,7 +34,6 @@ from ..layout import Layout, layout_from_ids, use_layout
 from ..progress import median_time
 from ..scoring import Example, accuracy, by_task, compiled_language_model, flop_reductions
 from ..stats import stats
-from ..template import Template
 from ..tune import points, tune
 from ..zoo import MODEL_DIR, ShapesProcessor
 from ..zoo.shapes import make_records
@@ -95,57 +95,43 @@ def _language_model_inputs(model, ex: Example) -> dict:
     return captured
 
 
-def _prefill_time(model, ex: Example, template: Template | None, repeat: int) -> float:
-    """Median time of the language model's prefill of ``ex``. The vision tower, the same eager code either way,
-    is left out so the ratio is the language model's (it was ~5 ms of ~15 ms for an 8-image prompt here). The
-    language model alone sees no ``input_ids``, so its layout is given with ``use_layout``, from the
-    content-memoized ``layout_from_ids`` that the run time itself uses: a prompt this short never needs one
-    (the run time decides from its length that no call can gain and runs the dense graph), and a new prompt's
-    layout (~0.4 ms at 339 tokens) is what ``blindsight bench`` reports as layout overhead. With ``template``,
-    raises if the timed calls were neither sparse nor run dense by the cost model (``not_faster``): a
-    misconfigured run."""
-    import contextlib
-
-    def layout():
-        if template is None:
-            return contextlib.nullcontext()
-        return use_layout(layout_from_ids(ex.inputs["input_ids"], template))
-
-    lm = hf.language_model(model)
-    with layout():  # the capturing forward runs the compiled language model too
-        kwargs = _language_model_inputs(model, ex)
-
-    def once():
-        with torch.no_grad(), layout():
-            return lm(**kwargs)
-
-    before = _decided_calls()
-    t = median_time(once, repeat)
-    if template is not None and _decided_calls() == before:
-        raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend "
-                           "options")
-    return t
-
-
 def _alternating_prefill_times(model, ex: Example, profile, repeat: int) -> tuple[float, float]:
     """(dense, BlindSight) prefill times of ``ex``'s language model, compiled by Inductor dense and with
-    ``blindsight_backend(profile)``'s defaults: ``repeat`` rounds, each timing one of either in turn (each a
-    median of one call after two warm ones), and the median of the rounds, so that this machine's drift over
-    the measurement (up to ~30% here) falls on both alike."""
+    ``blindsight_backend(profile)``'s defaults: after two warm calls of each, ``20 * repeat`` rounds each time one
+    call of either in turn, and the medians of the rounds are returned. Two ~8 ms calls differ by less than this
+    machine drifts over a measurement (up to ~30% here), so the drift must fall on both alike and the medians
+    need many rounds: with 5 rounds the ratio wandered over 0.92-1.13 for the same code."""
+    import contextlib
+
     lm = hf.language_model(model)
     original = lm.forward
-    forwards = {None: torch.compile(original, backend="inductor", dynamic=False),
-                profile.template: torch.compile(original, backend=blindsight_backend(profile), dynamic=False)}
-    times: dict = {template: [] for template in forwards}
+    kwargs = _language_model_inputs(model, ex)  # captured from an uncompiled forward
+    layout = layout_from_ids(ex.inputs["input_ids"], profile.template)
+    forwards = {"dense": torch.compile(original, backend="inductor", dynamic=False),
+                "blindsight": torch.compile(original, backend=blindsight_backend(profile), dynamic=False)}
+    times: dict = {name: [] for name in forwards}
+
+    def once(name):
+        lm.forward = forwards[name]
+        with torch.no_grad(), use_layout(layout) if name == "blindsight" else contextlib.nullcontext():
+            start = time.perf_counter()
+            lm(**kwargs)
+            return time.perf_counter() - start
+
+    before = _decided_calls()
     try:
         with torch._dynamo.config.patch(recompile_limit=64):
-            for _ in range(repeat):
-                for template, forward in forwards.items():
-                    lm.forward = forward
-                    times[template].append(_prefill_time(model, ex, template, 1))
+            for name in forwards:
+                once(name), once(name)
+            for _ in range(20 * repeat):
+                for name in forwards:
+                    times[name].append(once(name))
     finally:
         lm.forward = original
-    return statistics.median(times[None]), statistics.median(times[profile.template])
+    if _decided_calls() == before:
+        raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend "
+                           "options")
+    return statistics.median(times["dense"]), statistics.median(times["blindsight"])
 
 
 def _decided_calls() -> int:

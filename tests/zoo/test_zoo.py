@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import blindsight
 from blindsight.zoo.shapes import COLORS, SHAPES, TASKS, make_records, write_jsonl
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -236,19 +237,20 @@ def test_shipped_model_beats_chance_on_held_out_prompts(zoo):
     assert all(acc[t] > chance[t] + 0.2 for t in TASKS), (acc, chance)
 
 
-def test_demo_prefill_timing_refuses_a_run_without_sparse_attention(zoo):
-    """The timed "BlindSight" prefill must have run sparse: here the language model is compiled without
-    BlindSight's backend, so the timing would be a dense one."""
-    from blindsight.layout import Template
-    from blindsight.tools.demo import _prefill_time
-    from blindsight.tools.evaluate import compiled_language_model, make_examples
+def test_demo_prefill_timing_refuses_a_run_without_sparse_attention(zoo, monkeypatch):
+    """The timed "BlindSight" prefill must have run sparse (or dense by the cost model's decision): here the
+    backend is swapped for a plain one, so the timing would be a dense one."""
+    import blindsight.tools.demo as demo
+    from blindsight.tools.evaluate import make_examples
 
     model, processor = zoo
     ex = make_examples(processor, make_records("benchmark", 1, min_images=3, max_images=3), "qwen2_vl", pad_to=1)[0]
-    with compiled_language_model(model, "eager"):
-        assert _prefill_time(model, ex, None, repeat=1) > 0
-        with pytest.raises(RuntimeError, match="no sparse attention"):
-            _prefill_time(model, ex, Template.from_config(model.config), repeat=1)
+    profile = blindsight.calibrate(model, [dict(ex.inputs)], progress=False)
+    dense, sparse = demo._alternating_prefill_times(model, ex, profile, repeat=1)
+    assert dense > 0 and sparse > 0
+    monkeypatch.setattr(demo, "blindsight_backend", lambda profile: "eager")
+    with pytest.raises(RuntimeError, match="no sparse attention"):
+        demo._alternating_prefill_times(model, ex, profile, repeat=1)
 
 
 def test_demo_json_on_a_reduced_sample(tmp_path, capsys):
