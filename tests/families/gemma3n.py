@@ -7,7 +7,7 @@
   torchvision), so ``build()`` puts a STAND-IN in its place: a strided conv whose output has the timm wrapper's
   shape ``(B, vision hidden, 2, 2)`` -> 4 soft tokens per image (real: 768x768 px -> 16x16 = 256). Everything
   around it (``get_image_features``, ``embed_vision``, the placeholder scatter) is the real code.
-* ``processor()`` -> the real ``Gemma3nProcessor`` (word-level tokenizer built with ``tokenizers``, the real PIL
+* ``make_processor()`` -> the real ``Gemma3nProcessor`` (word-level tokenizer built with ``tokenizers``, the real PIL
   ``SiglipImageProcessorPil`` at 32x32, the real ``Gemma3nAudioFeatureExtractor``), ``image_seq_length=4``.
 * ``prompt(images, texts)`` -> batch-1 model inputs.
 
@@ -21,6 +21,7 @@ boa 256000, eoa 262272, audio 262273, vocab_size_per_layer_input 262144, "\\n\\n
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import numpy as np
 import torch
@@ -124,7 +125,8 @@ def _tokenizer():
                               "boa_token": "<start_of_audio>", "eoa_token": "<end_of_audio>"})
 
 
-def processor():
+@functools.cache
+def make_processor():
     from transformers import Gemma3nProcessor
     from transformers.models.gemma3n.feature_extraction_gemma3n import Gemma3nAudioFeatureExtractor
     from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
@@ -133,15 +135,6 @@ def processor():
                             image_processor=SiglipImageProcessorPil(size={"height": IMAGE_PX, "width": IMAGE_PX}),
                             tokenizer=_tokenizer(), image_seq_length=TOKENS_PER_IMAGE, audio_seq_length=8)
 
-
-_PROCESSOR = None
-
-
-def _proc():
-    global _PROCESSOR
-    if _PROCESSOR is None:
-        _PROCESSOR = processor()
-    return _PROCESSOR
 
 
 def prompt(images: list, texts: list[int], seed: int = 0) -> dict:
@@ -159,9 +152,5 @@ def prompt(images: list, texts: list[int], seed: int = 0) -> dict:
             break
         parts.append("<image_soft_token>")  # the chat template's image item
         pics.append(Image.fromarray(rng.integers(0, 256, (*images[i], 3), dtype=np.uint8)))
-    out = _proc()(text=" ".join(parts), images=pics or None, return_tensors="pt")
+    out = make_processor()(text=" ".join(parts), images=pics or None, return_tensors="pt")
     return dict(out)
-
-
-# used by verify.py
-CHECK_IMAGES = [(48, 64), (32, 32), (64, 40)]

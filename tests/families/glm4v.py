@@ -2,8 +2,8 @@
 
 * ``build()`` -> ``Glm4vForConditionalGeneration`` (2 decoder layers, 4 heads / 2 KV heads, head_dim 16 with
   partial rotary 0.5, vocab 256, 2-block vision tower with patch 14, merge 2).
-* ``processor()`` -> the real ``Glm4vProcessor`` around a word-level tokenizer (built with ``tokenizers``), the real
-  PIL image processor ``Glm4vImageProcessorPil`` and a stand-in video processor (transformers' video processors
+* ``make_processor()`` -> the real ``Glm4vProcessor`` around a word-level tokenizer (built with ``tokenizers``), the
+  real PIL image processor ``Glm4vImageProcessorPil`` and a stand-in video processor (transformers' video processors
   need torchvision, which is not installed): the stand-in only patchifies the frames it is given and returns
   ``video_grid_thw`` and ``video_metadata``; the text expansion of videos (per-frame image blocks, timestamps) is
   the real ``Glm4vProcessor.replace_video_token``.
@@ -15,6 +15,8 @@ Token ids: 0 <pad>, 1 <unk>, 2-11 digits, 12-243 words 'aa'..'ix', 244 [gMASK], 
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -106,7 +108,8 @@ def _video_processor_class():
     return StandInVideoProcessor
 
 
-def processor():
+@functools.cache
+def make_processor():
     from transformers import Glm4vProcessor
     from transformers.models.glm4v.image_processing_pil_glm4v import Glm4vImageProcessorPil
 
@@ -123,15 +126,6 @@ def processor():
                                 size={"shortest_edge": 28 * 28, "longest_edge": 28 * 28 * 64})
     return TinyGlm4vProcessor(image_processor=ip, tokenizer=_tokenizer(), video_processor=_video_processor_class()())
 
-
-_PROCESSOR = None
-
-
-def _proc():
-    global _PROCESSOR
-    if _PROCESSOR is None:
-        _PROCESSOR = processor()
-    return _PROCESSOR
 
 
 def _words(n, start):
@@ -161,7 +155,7 @@ def video_prompt(media: list, texts: list[int], seed: int = 0) -> dict:
         else:
             parts.append("<|begin_of_video|><|video|><|end_of_video|>")  # the chat template's video item
             videos.append(rng.integers(0, 256, (*m, 3), dtype=np.uint8))
-    out = _proc()(text=" ".join(parts), images=images or None, videos=videos or None, return_tensors="pt")
+    out = make_processor()(text=" ".join(parts), images=images or None, videos=videos or None, return_tensors="pt")
     out.pop("video_metadata", None)
     return dict(out)
 
@@ -169,9 +163,3 @@ def video_prompt(media: list, texts: list[int], seed: int = 0) -> dict:
 def prompt(images: list, texts: list[int], seed: int = 0) -> dict:
     """``images``: list of (h, w) pixel sizes, multiples of 28, all different allowed (see ``video_prompt``)."""
     return video_prompt(list(images), texts, seed)
-
-
-# used by verify.py
-CHECK_IMAGES = [(56, 84), (28, 56), (84, 56)]
-CHECK_MEDIA = [(56, 56), (4, 56, 84), (28, 56)]
-CHECK_VIDEO_ONLY = [(2, 28, 56), (3, 56, 56)]

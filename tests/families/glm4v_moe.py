@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from .glm4v import BOI, BOV, EOI, EOV, IMAGE, MERGE, PATCH, TPATCH, VIDEO, processor, prompt, video_prompt  # noqa: F401
+from .glm4v import BOI, BOV, EOI, EOV, IMAGE, MERGE, PATCH, TPATCH, VIDEO, make_processor, prompt, video_prompt  # noqa: F401
 
 
 def build(attn_implementation: str = "sdpa"):

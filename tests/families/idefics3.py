@@ -17,7 +17,6 @@ from . import smolvlm as s
 from ._common import images as rand_images
 from ._common import words
 
-EXAMPLE = s.EXAMPLE
 expected_ids = s.expected_ids
 
 
@@ -43,14 +42,6 @@ def make_processor():
     return Idefics3Processor(image_processor=ip, tokenizer=s._tokenizer(), image_seq_len=s.IMAGE_SEQ_LEN)
 
 
-def save_processor(path) -> None:
-    make_processor().save_pretrained(path)
-
-
-def load_processor(path):
-    from transformers import AutoProcessor
-
-    return AutoProcessor.from_pretrained(path)
 
 
 def prompt(images, texts, seed=0, split=True) -> dict:

@@ -60,18 +60,6 @@ def make_processor():
         return InternVLProcessor(image_processor=ip, tokenizer=_tokenizer(), image_seq_length=IMAGE_SEQ_LENGTH)
 
 
-def save_processor(path) -> None:
-    """Saves tokenizer + GotOcr2 image processor + processor_config.json (no video processor)."""
-    with images_only():
-        make_processor().save_pretrained(path)
-
-
-def load_processor(path):
-    """``InternVLProcessor.from_pretrained(path)`` without torchvision (AutoProcessor needs a video processor)."""
-    from transformers import InternVLProcessor
-
-    with images_only():
-        return InternVLProcessor.from_pretrained(path)
 
 
 def prompt(images, texts, seed=0) -> dict:
@@ -100,6 +88,3 @@ def expected_ids(images, texts, seed=0) -> list[int]:
             tiles = ip.get_number_of_image_patches(*images[i], {"crop_to_patches": True})
             ids += [START_ID] + [IMAGE_TOKEN_ID] * (IMAGE_SEQ_LENGTH * tiles) + [END_ID]
     return ids
-
-
-EXAMPLE = dict(images=[(32, 64), (32, 32), (64, 64)], texts=[3, 2, 0, 4])

@@ -5,7 +5,7 @@
   tuning with ``floor_scale=8``), MoE on layers 1 and 3 (``interleave_moe_layer_step=2``, 2 experts + shared
   expert), 4 heads / 2 KV heads, head_dim 16, vocab 256; a 2-layer vision tower on 28x28 tiles with patch 7 and
   pixel-shuffle 0.5 -> 4 ``<|patch|>`` tokens per tile (real: 336x336 tiles, patch 14 -> 144).
-* ``processor()`` -> the real ``Llama4Processor`` (word-level tokenizer built with ``tokenizers``,
+* ``make_processor()`` -> the real ``Llama4Processor`` (word-level tokenizer built with ``tokenizers``,
   ``patch_size=7``) around a STAND-IN image processor: ``Llama4ImageProcessor`` needs torchvision, which is not
   installed. The stand-in takes images whose sides are multiples of 28 px and cuts them into a (h/28) x (w/28)
   tile grid, adding a 28x28 global tile when there is more than one tile, i.e. what ``Llama4ImageProcessor``
@@ -21,6 +21,8 @@ Token ids: 0 <|finetune_right_pad_id|> (pad), 1 <unk>, 2-241 words 'aa'..'jf', 2
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -96,21 +98,13 @@ def _image_processor():
     return StandInLlama4ImageProcessor()
 
 
-def processor():
+@functools.cache
+def make_processor():
     from transformers import Llama4Processor
 
     return Llama4Processor(image_processor=_image_processor(), tokenizer=_tokenizer(), patch_size=PATCH,
                            pixel_shuffle_ratio=0.5)
 
-
-_PROCESSOR = None
-
-
-def _proc():
-    global _PROCESSOR
-    if _PROCESSOR is None:
-        _PROCESSOR = processor()
-    return _PROCESSOR
 
 
 def prompt(images: list, texts: list[int], seed: int = 0) -> dict:
@@ -130,9 +124,5 @@ def prompt(images: list, texts: list[int], seed: int = 0) -> dict:
         parts.append("<|image|>")  # the chat template's image item
         rh, rw = images[i]
         pics.append(Image.fromarray(rng.integers(0, 256, (rh * TILE, rw * TILE, 3), dtype=np.uint8)))
-    out = _proc()(text=" ".join(parts), images=pics or None, return_tensors="pt")
+    out = make_processor()(text=" ".join(parts), images=pics or None, return_tensors="pt")
     return dict(out)
-
-
-# used by verify.py
-CHECK_IMAGES = [(2, 3), (1, 1), (2, 1)]

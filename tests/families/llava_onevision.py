@@ -61,16 +61,6 @@ def make_processor():
                                        vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_9")
 
 
-def save_processor(path) -> None:
-    with images_only():
-        make_processor().save_pretrained(path)
-
-
-def load_processor(path):
-    from transformers import LlavaOnevisionProcessor
-
-    with images_only():
-        return LlavaOnevisionProcessor.from_pretrained(path)
 
 
 def prompt(images, texts, seed=0, nested=False) -> dict:
@@ -124,6 +114,3 @@ def expected_ids(images, texts, seed=0, nested=False) -> list[int]:
             base, rows, cols = image_layout(*images[i], nested=multi)
             ids += [IMAGE_TOKEN_ID] * (base + (1 if multi else rows * (cols + 1)))
     return ids
-
-
-EXAMPLE = dict(images=[(32, 64), (32, 32), (64, 40)], texts=[3, 2, 0, 4])

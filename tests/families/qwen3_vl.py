@@ -2,7 +2,7 @@
 
 * ``build()`` -> ``Qwen3VLForConditionalGeneration`` (2 decoder layers, 4 heads / 2 KV heads, head_dim 16,
   vocab 256, 2-block vision tower with patch 16, merge 2, deepstack on vision blocks 0 and 1).
-* ``processor()`` -> the real ``Qwen3VLProcessor`` around a word-level tokenizer (built with ``tokenizers``),
+* ``make_processor()`` -> the real ``Qwen3VLProcessor`` around a word-level tokenizer (built with ``tokenizers``),
   the real PIL image processor ``Qwen2VLImageProcessorPil`` (patch 16, the Qwen3-VL setting) and a stand-in
   video processor (transformers' video processors need torchvision, which is not installed): the stand-in only
   patchifies the frames it is given and returns ``video_grid_thw`` and ``video_metadata``; the text expansion of
@@ -14,6 +14,8 @@ Token ids: 0 <pad>, 1 <unk>, 2-11 digits, 12 '<', 13 '>', 14 '.', 15 'seconds', 
 """
 
 from __future__ import annotations
+
+import functools
 
 import numpy as np
 import torch
@@ -104,7 +106,8 @@ def _video_processor_class():
     return StandInVideoProcessor
 
 
-def processor():
+@functools.cache
+def make_processor():
     from transformers import Qwen3VLProcessor
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
@@ -123,15 +126,6 @@ def processor():
 
     return TinyQwen3VLProcessor(image_processor=ip, tokenizer=_tokenizer(), video_processor=_video_processor_class()())
 
-
-_PROCESSOR = None
-
-
-def _proc():
-    global _PROCESSOR
-    if _PROCESSOR is None:
-        _PROCESSOR = processor()
-    return _PROCESSOR
 
 
 def _word(i):
@@ -168,7 +162,7 @@ def video_prompt(media: list, texts: list[int], seed: int = 0) -> dict:
             t, h, w = m
             parts.append("<|vision_start|><|video_pad|><|vision_end|>")  # the chat template's video item
             videos.append(rng.integers(0, 256, (t, h, w, 3), dtype=np.uint8))
-    out = _proc()(text=" ".join(parts), images=images or None, videos=videos or None, return_tensors="pt")
+    out = make_processor()(text=" ".join(parts), images=images or None, videos=videos or None, return_tensors="pt")
     out.pop("video_metadata", None)
     return dict(out)
 
@@ -176,9 +170,3 @@ def video_prompt(media: list, texts: list[int], seed: int = 0) -> dict:
 def prompt(images: list, texts: list[int], seed: int = 0) -> dict:
     """``images``: list of (h, w) pixel sizes, multiples of 32, all different allowed (see ``video_prompt``)."""
     return video_prompt(list(images), texts, seed)
-
-
-# used by verify.py
-CHECK_IMAGES = [(64, 96), (32, 32), (96, 64)]
-CHECK_MEDIA = [(64, 64), (4, 64, 96), (32, 64)]
-CHECK_VIDEO_ONLY = [(2, 32, 64), (3, 64, 64)]

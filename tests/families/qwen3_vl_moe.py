@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .qwen3_vl import IMAGE, MERGE, PATCH, TPATCH, VEND, VIDEO, VSTART, processor, prompt, video_prompt  # noqa: F401
+from .qwen3_vl import IMAGE, MERGE, PATCH, TPATCH, VEND, VIDEO, VSTART, make_processor, prompt, video_prompt  # noqa: F401
 
 
 def build(attn_implementation: str = "sdpa"):

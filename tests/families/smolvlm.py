@@ -81,22 +81,6 @@ def make_processor():
         ps.num2words = saved
 
 
-def save_processor(path) -> None:
-    with images_only():
-        make_processor().save_pretrained(path)
-
-
-def load_processor(path):
-    from transformers import SmolVLMProcessor
-    from transformers.models.smolvlm import processing_smolvlm as ps
-
-    saved = ps.num2words
-    ps.num2words = saved or str
-    try:
-        with images_only():
-            return SmolVLMProcessor.from_pretrained(path, video_processor=None)
-    finally:
-        ps.num2words = saved
 
 
 def prompt(images, texts, seed=0, split=True) -> dict:
@@ -147,6 +131,3 @@ def expected_ids(images, texts, seed=0, split=True) -> list[int]:
         if i < len(images):
             ids += image_ids(*grid(*images[i], split=split))
     return ids
-
-
-EXAMPLE = dict(images=[(64, 96), (96, 32), (96, 96)], texts=[3, 2, 0, 4])

@@ -68,7 +68,7 @@ def builder(name):
 
 def family_processor(name):
     mod = builder(name)
-    return mod.make_processor() if hasattr(mod, "make_processor") else mod.processor()
+    return mod.make_processor()
 
 
 def family_template(name, model) -> Template:
@@ -119,6 +119,9 @@ def test_template_and_layout(family, name):
     assert template == FAMILIES[name].template
     layout = Layout.from_input_ids(inp["input_ids"], template)
     assert layout.num_images.tolist() == [FAMILIES[name].segments]
+    mod = builder(name)
+    if hasattr(mod, "expected_ids"):  # the processor's ids against the family's expansion written by hand
+        assert inp["input_ids"][0].tolist() == mod.expected_ids(FAMILIES[name].images, FAMILIES[name].texts)
     sizes = [end - start for start, end in layout.segments()]
     assert len(set(sizes)) == len(sizes) or name == "gemma3n"  # different sizes (Gemma-3n: a fixed 4 tokens)
     assert not Layout.from_input_ids(text_only["input_ids"], template).has_images
