@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "decoder_layer_index",
+__all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "decoder_layer_index", "is_tower",
            "model_config", "text_config",
            "text_config_key", "template_ids", "video_token_ids", "config_names_template", "config_placeholder_ids",
            "processor_template_ids", "language_model_shape", "language_model", "IMAGE_TEXT", "image_text",
@@ -52,6 +52,7 @@ PROCESSOR_MODEL_TYPES = {"internvl": "InternVLProcessor", "mistral3": "PixtralPr
 
 _LAYER = re.compile(r"(?:^|\.)layers[.\[](\d+)\]?\.self_attn$")
 _VISION = re.compile(r"vision|visual|audio", re.IGNORECASE)  # towers that are not the language model
+_TOWER_WORDS = {"vision", "visual", "audio"}
 
 
 class UnsupportedAttentionError(RuntimeError):
@@ -74,6 +75,23 @@ def language_model_layer(path: str) -> int | None:
     """
     m = _LAYER.search(path) if path and not _VISION.search(path) else None
     return int(m.group(1)) if m else None
+
+
+def _words(name: str) -> set[str]:
+    """The lower-case words of a class name or model type: ``SiglipVisionModel`` and ``siglip_vision_model`` ->
+    {siglip, vision, model}; ``LlavaOnevisionModel`` -> {llava, onevision, model} (not a vision tower)."""
+    return {w.lower() for w in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|\d+", name)}
+
+
+def is_tower(module) -> bool:
+    """Whether a module is (inside) a vision or audio tower, by its class, its config's class or its config's
+    model type having a vision/visual/audio word. Dynamo can compile a tower's forward as a graph of its own (a
+    graph break, or a recompile under dynamic shapes): paths are then relative to the tower (``encoder.layers.0
+    .self_attn``), with nothing in them that says vision."""
+    config = getattr(module, "config", None)
+    names = [type(module).__name__, type(config).__name__ if config is not None else "",
+             str(getattr(config, "model_type", "") or "")]
+    return any(_words(n) & _TOWER_WORDS for n in names)
 
 
 def decoder_layer_index(module) -> int | None:

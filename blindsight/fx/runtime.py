@@ -29,7 +29,7 @@ import sys
 
 import torch
 
-from ..hf import decoder_layer_index, text_config_key
+from ..hf import decoder_layer_index, is_tower, text_config_key
 from ..layout import prompt_layout
 from ..lowering import calls_use, never_pays
 from ..profile import ModelInfo, Profile, check_template
@@ -71,12 +71,13 @@ def _batch_length_input(gm: torch.fx.GraphModule, q: torch.Tensor) -> int | None
 class GraphRunner:
     """The callable Dynamo gets for one graph: sets the layout for its ops and counts the dense calls."""
 
-    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: BlindSightBackend, layer_type=None):
+    def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: BlindSightBackend, layer_type=None,
+                 tower: bool = False):
         options = backend.options
         self.backend, self.options = backend, options
         # a graph of one decoder layer (a graph break split the decoder loop): which layer runs is read per call
         self.layer_type = layer_type
-        self.scan = find_sites(gm, backend.profile, one_layer=layer_type is not None)
+        self.scan = find_sites(gm, backend.profile, one_layer=layer_type is not None, tower=tower)
         if layer_type is not None and self.scan.sites:
             count("one_layer_graphs")
         # the profile is checked on the first graph of a VLM's own forward too: where the decoder loop is split
@@ -206,7 +207,8 @@ class BlindSightBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         count("graphs_compiled")
         root = _compiled_module()
-        return GraphRunner(gm, example_inputs, self, type(root) if decoder_layer_index(root) is not None else None)
+        return GraphRunner(gm, example_inputs, self, type(root) if decoder_layer_index(root) is not None else None,
+                           tower=is_tower(root))
 
     def check_model(self, vlm_only: bool = False) -> None:
         """Full profile check against the config of the module being compiled (once per config); ``vlm_only``:

@@ -1,10 +1,11 @@
 """Site discovery: the language model's ``scaled_dot_product_attention`` calls in a Dynamo graph.
 
 A site is an SDPA node whose innermost module is ``...layers.<i>.self_attn`` outside any vision module
-(layer index from ``node.meta["nn_module_stack"]``). Each check reads ``node.meta["val"]`` (Dynamo:
-``example_value``) and says why a node is not rewritten rather than raising; what is not handled stays
-untouched and is counted: ``skipped`` for SDPA calls that are not the language model's, ``static_fallback``
-for language-model calls that always run dense in this graph (counted again at every call).
+(layer index from ``node.meta["nn_module_stack"]``), in a graph whose root module is not a vision tower. Each
+check reads ``node.meta["val"]`` (Dynamo: ``example_value``) and says why a node is not rewritten rather than
+raising; what is not handled stays untouched and is counted: ``skipped`` for SDPA calls that are not the
+language model's, ``static_fallback`` for language-model calls that always run dense in this graph
+(counted again at every call).
 """
 
 from __future__ import annotations
@@ -65,12 +66,14 @@ def node_value(node):
     return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
 
 
-def language_model_sdpa_nodes(gm: torch.fx.GraphModule,
-                              one_layer: bool = False) -> tuple[list[tuple[torch.fx.Node, int | None]], int]:
+def language_model_sdpa_nodes(gm: torch.fx.GraphModule, one_layer: bool = False,
+                              tower: bool = False) -> tuple[list[tuple[torch.fx.Node, int | None]], int]:
     """``([(sdpa node, decoder layer index)], number of other SDPA nodes)`` of a graph.
 
     ``one_layer``: the graph's root module is one decoder layer (:func:`~blindsight.hf.decoder_layer_index`):
     its own ``self_attn`` is a site whose layer (None here) the run time reads from the running module.
+    ``tower``: the graph's root module is a vision or audio tower (:func:`~blindsight.hf.is_tower`): its paths
+    (``encoder.layers.0.self_attn``) look like a language model's, but none of its SDPA calls is one.
 
     Raises :class:`UnsupportedAttentionError` when the graph runs language-model attention modules but none of
     them calls SDPA (eager or another attention implementation).
@@ -80,8 +83,8 @@ def language_model_sdpa_nodes(gm: torch.fx.GraphModule,
         if node.op != "call_function":
             continue
         path = module_path(node)
-        layer = language_model_layer(path)
-        own = one_layer and path == "self_attn"
+        layer = None if tower else language_model_layer(path)
+        own = one_layer and path == "self_attn" and not tower
         if layer is not None or own:
             lm_attention_modules.add(path)
         if node.target not in SDPA_TARGETS:
@@ -132,14 +135,15 @@ def _static_reason(a: dict, q, k, mask, mval) -> str | None:
     return None
 
 
-def find_sites(gm: torch.fx.GraphModule, profile: Profile, one_layer: bool = False) -> SiteScan:
+def find_sites(gm: torch.fx.GraphModule, profile: Profile, one_layer: bool = False, tower: bool = False) -> SiteScan:
     """Language-model SDPA calls of a graph that can be sparse, checked against the profile's shape.
 
     Sizes may be symbolic (Dynamo's automatic dynamic shapes): the rewritten op reads the real sizes at run time.
-    ``one_layer``: the graph is one decoder layer's (see :func:`language_model_sdpa_nodes`).
+    ``one_layer``, ``tower``: the graph's root module is one decoder layer, or a vision/audio tower (see
+    :func:`language_model_sdpa_nodes`).
     """
     scan = SiteScan()
-    nodes, others = language_model_sdpa_nodes(gm, one_layer)
+    nodes, others = language_model_sdpa_nodes(gm, one_layer, tower)
     if others:
         scan.skipped["not_language_model"] += others
     for node, layer in nodes:

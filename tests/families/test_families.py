@@ -157,6 +157,33 @@ def test_compiled_and_eager_paths_equal_the_reference(family, name):
         blindsight.detach(model)
 
 
+def other_prompts(name):
+    """Image prompts of other lengths and layouts than the family's own: what a served model meets next."""
+    fam, mod = FAMILIES[name], builder(name)
+    imgs = fam.images
+    return [mod.prompt(imgs[::-1], [1, 4, 2, 3], seed=2), mod.prompt(imgs[:2], [5, 1, 6], seed=3),
+            mod.prompt(imgs[1:], [2, 7, 1], seed=4)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_model_over_prompts_of_many_lengths(family, name):
+    """Dynamo's default (automatic dynamic shapes: the second length recompiles the graphs with symbolic sizes),
+    then prompts of further lengths on those graphs: every call sparse and equal to the reference."""
+    model, template, profile, inp, text_only = family(name)
+    layers = profile.model.num_layers
+    torch._dynamo.reset()  # transformers' forward decorators share one code object: each family starts at 0 of 64
+    compiled = torch.compile(model, backend=blindsight_backend(profile, compile_dense=False, only_if_faster=False))
+    for i, prompt in enumerate([inp, *other_prompts(name), text_only]):
+        blindsight.reset_stats()
+        got = logits(compiled, prompt)
+        s = blindsight.stats()
+        if prompt is text_only:
+            assert s.get("fallback.no_images") == layers, s
+        else:
+            assert s.get("sparse_calls") == layers and not any(k.startswith("fallback") for k in s), (i, s)
+        torch.testing.assert_close(got, reference(model, prompt, template, profile), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_calibration_recall_equals_the_definition(family, name):
     """Calibration on the image prompt equals the definition applied to the eager model's attention maps."""

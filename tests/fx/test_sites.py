@@ -10,7 +10,7 @@ import torch
 from blindsight import ProfileMismatchError, UnsupportedAttentionError
 from blindsight.fx import find_sites
 from blindsight.fx.sites import module_path, sdpa_args
-from blindsight.hf import language_model_layer
+from blindsight.hf import is_tower, language_model_layer
 
 from tiny_graphs import HIDDEN, Attention, NoAttention, Pooler, TinyVLM, captured, profile, sdpa_calls, traced
 
@@ -55,6 +55,34 @@ def test_a_mask_makes_non_causal_sites():
 ])
 def test_language_model_layer(path, layer):
     assert language_model_layer(path) == layer
+
+
+def test_a_graph_rooted_at_a_vision_tower_has_no_sites():
+    """Dynamo may compile a tower's forward as its own graph: its paths (``layers.0.self_attn``) look like a
+    language model's, the root module says they are not."""
+    gm = traced(TinyVLM(), X)
+    assert len(find_sites(gm, profile()).sites) == 2
+    scan = find_sites(gm, profile(), tower=True)
+    assert scan.sites == [] and scan.skipped == {"not_language_model": 3} and not scan.static_fallback
+
+
+@pytest.mark.parametrize("name, tower", [
+    ("SiglipVisionModel", True), ("Qwen3VLVisionModel", True), ("Gemma3nAudioEncoder", True),
+    ("Idefics3VisionTransformer", True), ("LlavaOnevisionModel", False), ("Qwen2VLModel", False),
+    ("LlavaOnevisionForConditionalGeneration", False), ("Qwen2DecoderLayer", False),
+])
+def test_is_tower_by_class_name(name, tower):
+    assert is_tower(type(name, (torch.nn.Module,), {})()) == tower
+
+
+def test_is_tower_by_config_model_type():
+    """A tower's inner module (SigLIP's encoder) is known by its config: ``siglip_vision_model``."""
+    from transformers import SiglipVisionConfig
+    from transformers.models.siglip.modeling_siglip import SiglipEncoder
+
+    assert is_tower(SiglipEncoder(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2)))
+    assert not is_tower(None)
 
 
 @pytest.mark.parametrize("dynamo_path, path", [
