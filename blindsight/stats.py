@@ -38,6 +38,10 @@ FALLBACK_ADVICE = {
     "recompile_limit": "Dynamo hit its recompile limit and runs a function without torch.compile, so its "
                        "attention is not sparse; raise torch._dynamo.config.recompile_limit, compile only the "
                        "language model, or use blindsight.attach(model, profile) (no compilation)",
+    "not_recompiled": "Dynamo ran this forward without compiling it for a new shape (torch.compiler.set_stance("
+                      "'eager_on_recompile')?), so its attention is not sparse",
+    "uncompiled": "Dynamo ran a forward without compiling it (a compile error under suppress_errors?), so its "
+                  "attention is not sparse; set torch._dynamo.config.suppress_errors=False to see the error",
 }
 
 

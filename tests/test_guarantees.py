@@ -251,11 +251,12 @@ def test_threads_each_get_their_own_layout(lm):
     assert not errors, errors
 
 
-def test_recompile_limit_is_counted_and_warned():
-    """A function Dynamo stops compiling (its recompile limit) runs without BlindSight: counted and warned (once
-    per event: the calls that then run uncompiled never reach the backend)."""
+def test_recompile_limit_calls_are_counted_one_by_one_and_warned():
+    """A function Dynamo stops compiling (its recompile limit) runs without BlindSight: each of its attention
+    calls is counted and the first warned; the output is the dense model's. A plain eager call counts nothing."""
     model = build("qwen2_vl")
     lm = model.model.language_model
+    layers = lm.config.num_hidden_layers
     torch._dynamo.reset()
     backend = blindsight_backend(mixed_profile(model), recompile_limit=None, only_if_faster=False)
     clm = torch.compile(lm, backend=backend, dynamic=False)
@@ -264,11 +265,16 @@ def test_recompile_limit_is_counted_and_warned():
         with torch._dynamo.config.patch(recompile_limit=1, fail_on_recompile_limit_hit=False):
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
-                for n in (20, 21, 22):
-                    hidden(clm, input_ids=torch.tensor([PROMPT_A[:n]]))
+                hidden(clm, input_ids=torch.tensor([PROMPT_A[:20]]))
+                got = [hidden(clm, input_ids=torch.tensor([PROMPT_A[:n]])) for n in (21, 22)]
     finally:
         # Dynamo now runs this code object (every Qwen2-VL text model's forward) uncompiled for new shapes,
         # in this whole process: forget it, or later tests' compiled models would silently run eagerly
         torch._dynamo.reset()
-    assert blindsight.stats().get("fallback.recompile_limit", 0) >= 1
+    s = blindsight.stats()
+    assert s.get("sparse_calls") == layers and s.get("fallback.recompile_limit") == 2 * layers, s
+    assert s.get("recompile_limit_hits", 0) >= 1
     assert any("recompile_limit" in str(w.message) for w in caught)
+    for n, out in zip((21, 22), got):
+        torch.testing.assert_close(out, hidden(lm, input_ids=torch.tensor([PROMPT_A[:n]])), atol=1e-6, rtol=0)
+    assert blindsight.stats() == s  # the eager calls just above: no compiled region, nothing counted

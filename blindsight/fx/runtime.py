@@ -24,7 +24,6 @@ VLM forward that called it holds the ids). Only running calls are looked at, so 
 
 from __future__ import annotations
 
-import logging
 import sys
 
 import torch
@@ -37,6 +36,7 @@ from ..stats import count, record_fallback
 from .options import BackendOptions
 from .rewrite import rewrite_sites
 from .sites import find_sites, node_value
+from .uncompiled import install, watch
 
 __all__ = ["blindsight_backend", "BlindSightBackend", "GraphRunner"]
 
@@ -199,7 +199,7 @@ class BlindSightBackend:
         self.profile, self.options = profile, options
         self.template = options.template if options.template is not None else profile.template
         self._checked: set = set()
-        _watch_recompile_limit()
+        install()  # before Dynamo traces anything: installing it later would fail the guards on transformers' registry
         limit = options.recompile_limit
         if limit is not None and torch._dynamo.config.recompile_limit < limit:
             torch._dynamo.config.recompile_limit = limit
@@ -207,6 +207,7 @@ class BlindSightBackend:
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         count("graphs_compiled")
         root = _compiled_module()
+        watch(root)
         return GraphRunner(gm, example_inputs, self, type(root) if decoder_layer_index(root) is not None else None,
                            tower=is_tower(root))
 
@@ -227,23 +228,6 @@ class BlindSightBackend:
         if self.template is not None:
             check_template(self.template, config, self.options.template is not None)
         self._checked.add(id(config))
-
-
-class _RecompileLimitWatcher(logging.Handler):
-    """Counts Dynamo's "hit config.recompile_limit" warnings: from then on that function runs uncompiled."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "hit config." in str(record.msg):
-            record_fallback("recompile_limit")
-
-
-_WATCHER = _RecompileLimitWatcher(logging.WARNING)
-
-
-def _watch_recompile_limit() -> None:
-    log = logging.getLogger("torch._dynamo.convert_frame")
-    if _WATCHER not in log.handlers:
-        log.addHandler(_WATCHER)
 
 
 def blindsight_backend(profile: Profile, options: BackendOptions | None = None, **overrides) -> BlindSightBackend:
