@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "decoder_layer_index", "is_tower",
+__all__ = ["UnsupportedAttentionError", "not_sdpa_message", "language_model_layer", "one_layer_attention", "is_tower",
            "model_config", "text_config",
            "text_config_key", "template_ids", "video_token_ids", "config_names_template", "config_placeholder_ids",
            "processor_template_ids", "language_model_shape", "language_model", "IMAGE_TEXT", "image_text",
@@ -94,15 +94,21 @@ def is_tower(module) -> bool:
     return any(_words(n) & _TOWER_WORDS for n in names)
 
 
-def decoder_layer_index(module) -> int | None:
-    """The index of a module that is itself one language-model decoder layer (its ``self_attn`` has an int
-    ``layer_idx``; no vision/audio class), else None. Dynamo compiles such a layer as a graph of its own when a
-    graph break splits the decoder loop (Qwen3-VL's deepstack does): its attention's path is then ``self_attn``."""
+def one_layer_attention(module) -> tuple[int, str] | None:
+    """``(layer index, path of its attention module from module)`` when ``module`` runs exactly one language-model
+    decoder layer's attention, else None: a decoder layer (its ``self_attn`` has an int ``layer_idx``; path
+    ``"self_attn"``) or such an attention module itself (an ``...Attention`` class with an int ``layer_idx``; path
+    ``""``); never a vision/audio class. Dynamo compiles such a module as a graph of its own when a graph break
+    splits the decoder loop (Qwen3-VL's deepstack does) or a decoder layer (a hook that breaks the graph)."""
     attn = getattr(module, "self_attn", None)
+    if attn is None and "attention" in _words(type(module).__name__):
+        attn, path = module, ""
+    else:
+        path = "self_attn"
     index = getattr(attn, "layer_idx", None)
     if not isinstance(index, int) or _VISION.search(type(module).__name__) or _VISION.search(type(attn).__name__):
         return None
-    return index
+    return index, path
 
 
 def model_config(config_or_model):

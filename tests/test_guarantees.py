@@ -5,6 +5,7 @@ hand-made layouts, unchecked templates, inference mode, autograd, Dynamo's recom
 stream property over one compiled language model.
 """
 
+import dataclasses
 import threading
 import warnings
 
@@ -278,3 +279,74 @@ def test_recompile_limit_calls_are_counted_one_by_one_and_warned():
     for n, out in zip((21, 22), got):
         torch.testing.assert_close(out, hidden(lm, input_ids=torch.tensor([PROMPT_A[:n]])), atol=1e-6, rtol=0)
     assert blindsight.stats() == s  # the eager calls just above: no compiled region, nothing counted
+
+
+def break_graph_before(modules) -> None:
+    """A forward pre-hook that breaks Dynamo's graph: each module's forward becomes a graph of its own."""
+    for m in modules:
+        m.register_forward_pre_hook(lambda *_: torch._dynamo.graph_break())
+
+
+@pytest.mark.parametrize("root", ["decoder_layer", "attention"])
+def test_graphs_of_one_decoder_layer_or_one_attention_module_run_sparse(root):
+    """A graph break before each decoder layer, or before each attention module, makes Dynamo compile that module's
+    forward as a graph of its own: each runs sparse with its own layer's categories, exact. (A graph rooted at an
+    attention module used to run dense, counted only as a skipped site at compile time.)"""
+    model = build("qwen2_vl")
+    lm = model.model.language_model
+    profile = mixed_profile(model)
+    break_graph_before(layer if root == "decoder_layer" else layer.self_attn for layer in lm.layers)
+    ids = torch.tensor([PROMPT_A])
+    torch._dynamo.reset()
+    blindsight.reset_stats()
+    try:
+        got = hidden(torch.compile(lm, backend=blindsight_backend(profile, only_if_faster=False)), input_ids=ids)
+    finally:
+        torch._dynamo.reset()  # forget graphs guarded on these hooks
+    s = blindsight.stats()
+    layers = lm.config.num_hidden_layers
+    assert s.get("one_layer_graphs") == layers and s.get("sparse_calls") == layers, s
+    assert not [k for k in s if k.startswith("fallback.")], s
+    torch.testing.assert_close(got, reference(lm, profile, ids, torch.ones_like(ids)), atol=1e-5, rtol=1e-5)
+
+
+def test_one_layer_graph_of_a_layer_the_profile_lacks_is_refused():
+    """Graphs of one decoder layer carry no config to check the profile's layer count against: the layer that
+    runs is checked at run time, and one the profile lacks raises (it used to run dense as ``no_layer``)."""
+    model = build("qwen2_vl")
+    lm = model.model.language_model
+    full = mixed_profile(model)
+    short = Profile(dataclasses.replace(full.model, num_layers=1), full.categories[:1], {})
+    break_graph_before(lm.layers)
+    torch._dynamo.reset()
+    try:
+        with pytest.raises(ProfileMismatchError, match="decoder layer 1, the profile only 1 layers"):
+            hidden(torch.compile(lm, backend=blindsight_backend(short, only_if_faster=False)),
+                   input_ids=torch.tensor([PROMPT_A]))
+    finally:
+        torch._dynamo.reset()
+
+
+def test_frames_left_uncompiled_under_suppress_errors_are_counted_and_warned():
+    """Under ``suppress_errors`` a frame Dynamo failed to compile (here: the backend refuses a profile of another
+    head count) runs eagerly: each of its attention calls is counted ``uncompiled`` and the first warned; the output
+    is the dense model's."""
+    model = build("qwen2_vl")
+    lm = model.model.language_model
+    full = mixed_profile(model)
+    wrong = Profile(dataclasses.replace(full.model, num_heads=2 * full.model.num_heads),
+                    tuple(layer * 2 for layer in full.categories), {})
+    ids = torch.tensor([PROMPT_A])
+    torch._dynamo.reset()
+    blindsight.reset_stats()
+    try:
+        with torch._dynamo.config.patch(suppress_errors=True, fail_on_recompile_limit_hit=False), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = hidden(torch.compile(lm, backend=blindsight_backend(wrong, only_if_faster=False)), input_ids=ids)
+    finally:
+        torch._dynamo.reset()
+    s = blindsight.stats()
+    assert s.get("fallback.uncompiled") == lm.config.num_hidden_layers and not s.get("sparse_calls"), s
+    assert any("(uncompiled)" in str(w.message) for w in caught)
+    torch.testing.assert_close(got, hidden(lm, input_ids=ids), atol=1e-6, rtol=0)

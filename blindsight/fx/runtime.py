@@ -28,14 +28,14 @@ import sys
 
 import torch
 
-from ..hf import decoder_layer_index, is_tower, text_config_key
+from ..hf import is_tower, one_layer_attention, text_config_key
 from ..layout import prompt_layout
 from ..lowering import calls_use, never_pays
 from ..profile import ModelInfo, Profile, check_template
 from ..stats import count, record_fallback
 from .options import BackendOptions
 from .rewrite import rewrite_sites
-from .sites import find_sites, node_value
+from .sites import check_layer, find_sites, node_value
 from .uncompiled import install, watch
 
 __all__ = ["blindsight_backend", "BlindSightBackend", "GraphRunner"]
@@ -72,12 +72,13 @@ class GraphRunner:
     """The callable Dynamo gets for one graph: sets the layout for its ops and counts the dense calls."""
 
     def __init__(self, gm: torch.fx.GraphModule, example_inputs, backend: BlindSightBackend, layer_type=None,
-                 tower: bool = False):
+                 own_attention: str | None = None, tower: bool = False):
         options = backend.options
         self.backend, self.options = backend, options
-        # a graph of one decoder layer (a graph break split the decoder loop): which layer runs is read per call
+        # a graph of one decoder layer or attention module (a graph break split the decoder loop or a layer):
+        # which layer runs is read per call from the running ``layer_type`` module
         self.layer_type = layer_type
-        self.scan = find_sites(gm, backend.profile, one_layer=layer_type is not None, tower=tower)
+        self.scan = find_sites(gm, backend.profile, own_attention=own_attention if layer_type else None, tower=tower)
         if layer_type is not None and self.scan.sites:
             count("one_layer_graphs")
         # the profile is checked on the first graph of a VLM's own forward too: where the decoder loop is split
@@ -149,16 +150,18 @@ class GraphRunner:
             return self.compiled(*args)
 
     def _running_layer_heads(self, max_frames: int = 8) -> tuple[int, ...] | None:
-        """The categories of the decoder layer whose frame runs this graph (its caller's ``self``), or None."""
+        """The categories of the decoder layer whose frame runs this graph (its caller's ``self``), or None.
+        Raises :class:`ProfileMismatchError` when that layer is not in the profile."""
         f = sys._getframe(2)
         for _ in range(max_frames):
             if f is None:
                 break
             module = f.f_locals.get("self")
             if type(module) is self.layer_type:
-                layer = decoder_layer_index(module)
-                if layer is not None and layer < self.backend.profile.model.num_layers:
-                    return tuple(int(c) for c in self.backend.profile.layer_categories(layer))
+                found = one_layer_attention(module)
+                if found is not None:
+                    check_layer(self.backend.profile, found[0])
+                    return tuple(int(c) for c in self.backend.profile.layer_categories(found[0]))
                 break
             f = f.f_back
         return None
@@ -208,8 +211,9 @@ class BlindSightBackend:
         count("graphs_compiled")
         root = _compiled_module()
         watch(root)
-        return GraphRunner(gm, example_inputs, self, type(root) if decoder_layer_index(root) is not None else None,
-                           tower=is_tower(root))
+        one_layer = one_layer_attention(root)
+        return GraphRunner(gm, example_inputs, self, type(root) if one_layer is not None else None,
+                           one_layer[1] if one_layer is not None else None, tower=is_tower(root))
 
     def check_model(self, vlm_only: bool = False) -> None:
         """Full profile check against the config of the module being compiled (once per config); ``vlm_only``:

@@ -1,7 +1,8 @@
 """Site discovery: the language model's ``scaled_dot_product_attention`` calls in a Dynamo graph.
 
 A site is an SDPA node whose innermost module is ``...layers.<i>.self_attn`` outside any vision module
-(layer index from ``node.meta["nn_module_stack"]``), in a graph whose root module is not a vision tower. Each
+(layer index from ``node.meta["nn_module_stack"]``), in a graph whose root module is not a vision tower; in a
+graph of one decoder layer or one attention module, that module's own attention (layer read at run time). Each
 check reads ``node.meta["val"]`` (Dynamo: ``example_value``) and says why a node is not rewritten rather than
 raising; what is not handled stays untouched and is counted: ``skipped`` for SDPA calls that are not the
 language model's, ``static_fallback`` for language-model calls that always run dense in this graph
@@ -21,7 +22,7 @@ from ..hf import UnsupportedAttentionError, language_model_layer, not_sdpa_messa
 from ..profile import Profile, ProfileMismatchError
 
 __all__ = ["Site", "SiteScan", "find_sites", "language_model_sdpa_nodes", "sdpa_args", "node_value", "module_path",
-           "SDPA_TARGETS"]
+           "check_layer", "SDPA_TARGETS"]
 
 SDPA_TARGETS = {torch.nn.functional.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention}
 
@@ -66,12 +67,14 @@ def node_value(node):
     return node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
 
 
-def language_model_sdpa_nodes(gm: torch.fx.GraphModule, one_layer: bool = False,
+def language_model_sdpa_nodes(gm: torch.fx.GraphModule, own_attention: str | None = None,
                               tower: bool = False) -> tuple[list[tuple[torch.fx.Node, int | None]], int]:
     """``([(sdpa node, decoder layer index)], number of other SDPA nodes)`` of a graph.
 
-    ``one_layer``: the graph's root module is one decoder layer (:func:`~blindsight.hf.decoder_layer_index`):
-    its own ``self_attn`` is a site whose layer (None here) the run time reads from the running module.
+    ``own_attention``: the graph's root module runs one decoder layer's attention
+    (:func:`~blindsight.hf.one_layer_attention`), at this path from the root (``"self_attn"`` for a decoder layer,
+    ``""`` for the attention module itself): its SDPA calls are sites whose layer (None here) the run time reads
+    from the running module.
     ``tower``: the graph's root module is a vision or audio tower (:func:`~blindsight.hf.is_tower`): its paths
     (``encoder.layers.0.self_attn``) look like a language model's, but none of its SDPA calls is one.
 
@@ -84,7 +87,7 @@ def language_model_sdpa_nodes(gm: torch.fx.GraphModule, one_layer: bool = False,
             continue
         path = module_path(node)
         layer = None if tower else language_model_layer(path)
-        own = one_layer and path == "self_attn" and not tower
+        own = own_attention is not None and path == own_attention and not tower
         if layer is not None or own:
             lm_attention_modules.add(path)
         if node.target not in SDPA_TARGETS:
@@ -94,27 +97,35 @@ def language_model_sdpa_nodes(gm: torch.fx.GraphModule, one_layer: bool = False,
         else:
             others += 1
     if lm_attention_modules and not found:
-        raise UnsupportedAttentionError(not_sdpa_message(sorted(lm_attention_modules)[0]))
+        raise UnsupportedAttentionError(not_sdpa_message(max(sorted(lm_attention_modules), key=bool)))
     return found, others
 
 
-def check_site_shape(profile: Profile, layer: int, q, k) -> None:
+def check_layer(profile: Profile, layer: int, problems: list[str] | None = None) -> None:
+    """Raise :class:`ProfileMismatchError` when the model's decoder layer ``layer`` is not in the profile (or
+    ``problems`` were found)."""
+    info = profile.model
+    problems = list(problems or ())
+    if layer is not None and layer >= info.num_layers:
+        problems.insert(0, f"the model has a decoder layer {layer}, the profile only {info.num_layers} layers")
+    if problems:
+        raise ProfileMismatchError(
+            f"profile for {info.model_type!r} does not fit this model: " + "; ".join(problems)
+            + ". Calibrate this model (blindsight calibrate) or load its own profile."
+        )
+
+
+def check_site_shape(profile: Profile, layer: int | None, q, k) -> None:
     """Raise :class:`ProfileMismatchError` when a site's layer or head shape does not fit the profile."""
     info = profile.model
     problems = []
-    if layer is not None and layer >= info.num_layers:
-        problems.append(f"the model has a decoder layer {layer}, the profile only {info.num_layers} layers")
     if q.shape[1] != info.num_heads:
         problems.append(f"num_heads: profile has {info.num_heads}, model has {q.shape[1]}")
     if q.shape[-1] != info.head_dim:
         problems.append(f"head_dim: profile has {info.head_dim}, model has {q.shape[-1]}")
     if k.shape[1] != q.shape[1] and k.shape[1] != info.num_kv_heads:
         problems.append(f"num_kv_heads: profile has {info.num_kv_heads}, model has {k.shape[1]}")
-    if problems:
-        raise ProfileMismatchError(
-            f"profile for {info.model_type!r} does not fit this model: " + "; ".join(problems)
-            + ". Calibrate this model (blindsight calibrate) or load its own profile."
-        )
+    check_layer(profile, layer, problems)
 
 
 def _static_reason(a: dict, q, k, mask, mval) -> str | None:
@@ -135,15 +146,17 @@ def _static_reason(a: dict, q, k, mask, mval) -> str | None:
     return None
 
 
-def find_sites(gm: torch.fx.GraphModule, profile: Profile, one_layer: bool = False, tower: bool = False) -> SiteScan:
+def find_sites(gm: torch.fx.GraphModule, profile: Profile, own_attention: str | None = None,
+               tower: bool = False) -> SiteScan:
     """Language-model SDPA calls of a graph that can be sparse, checked against the profile's shape.
 
     Sizes may be symbolic (Dynamo's automatic dynamic shapes): the rewritten op reads the real sizes at run time.
-    ``one_layer``, ``tower``: the graph's root module is one decoder layer, or a vision/audio tower (see
+    ``own_attention``, ``tower``: the graph's root module runs one decoder layer's attention, or is a vision/audio
+    tower (see
     :func:`language_model_sdpa_nodes`).
     """
     scan = SiteScan()
-    nodes, others = language_model_sdpa_nodes(gm, one_layer, tower)
+    nodes, others = language_model_sdpa_nodes(gm, own_attention, tower)
     if others:
         scan.skipped["not_language_model"] += others
     for node, layer in nodes:

@@ -99,4 +99,10 @@ def install() -> None:
         return sdpa(module, *args, **kwargs)
 
     sdpa_attention_forward._blindsight_counted = True
+    try:  # never a graph of its own: where Dynamo runs a frame uncompiled, this one runs eagerly and counts
+        from torch._dynamo.eval_frame import skip_code
+
+        skip_code(sdpa_attention_forward.__code__)  # only as a frame: Dynamo still inlines it when tracing
+    except (ImportError, AttributeError):  # an internal API that moved: such calls may then go uncounted
+        pass
     AttentionInterface.register("sdpa", sdpa_attention_forward)
