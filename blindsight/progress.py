@@ -9,7 +9,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator
 
-__all__ = ["progress_bar", "steps", "StatusBar", "median_time"]
+__all__ = ["progress_bar", "steps", "StatusBar", "median_time", "alternating_medians"]
 
 
 def progress_bar(items: Iterable, enabled: bool, desc: str, unit: str = "it") -> Iterable:
@@ -73,3 +73,21 @@ def median_time(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def alternating_medians(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, float]:
+    """Seconds of one warm call of each of ``fns``, timed in turn: ``rounds`` rounds of one call of each (the order
+    rotating from round to round), after ``warmup`` untimed calls of each; the medians. A machine whose speed drifts
+    over a measurement (up to ~30% on small shared ones) then slows every function alike, so their ratios hold
+    where medians taken one function after the other would not."""
+    names = list(fns)
+    for name in names:
+        for _ in range(warmup):
+            fns[name]()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(t) for name, t in times.items()}

@@ -111,6 +111,7 @@ def _combine(base, keep: torch.Tensor | None):
 # reuses it). Results are written into the output through strided views.
 
 _CALL_COST = 48 * 1024  # one more flash call costs about as much time as this many (rows x keys) pairs
+_UNMASKED_MIN_KEYS = 512  # text rows: a chunk's keys kept by every row run unmasked from this many on
 _MASK_BUDGET = 1 << 25  # float mask elements a layout's plan may keep (128 MiB in float32); beyond: per call
 
 
@@ -161,7 +162,7 @@ def _flash_cost(heads: int):
 @dataclass
 class _TextPlan:
     rows: torch.Tensor  # text positions
-    chunks: list  # (row lo, row hi, number of keys, float mask [rows, keys] or None)
+    chunks: list  # (row lo, row hi, keys every row keeps, number of keys, float mask [rows, keys - kept] or None)
 
 
 @dataclass
@@ -195,10 +196,12 @@ def _text_plan(text: torch.Tensor, dtype, heads: int) -> _TextPlan:
     chunks = []
     for lo, hi in _chunks(counts, n, _flash_cost(heads)):
         r0, r1, nk = breaks[lo], breaks[hi], n[hi - 1]
-        keep = torch.arange(nk, device=text.device)[None, :] <= text[r0:r1, None]
+        # every row keeps the keys before the chunk's first row: those run unmasked, in a call of their own
+        split = int(text[r0]) if int(text[r0]) >= _UNMASKED_MIN_KEYS else 0
+        keep = torch.arange(split, nk, device=text.device)[None, :] <= text[r0:r1, None]
         mask = None if bool(keep.all()) else torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill_(
             ~keep, float("-inf"))
-        chunks.append((r0, r1, nk, mask))
+        chunks.append((r0, r1, split if mask is not None else 0, nk, mask))
     return _TextPlan(text, chunks)
 
 
@@ -328,7 +331,6 @@ def _image_rows(qh, kk, vv, dst, c: int, plan: _Plan, scale: float) -> None:
     h, _, D = qh.shape
     for run in plan.runs:
         L, ns = run.L, run.sinks
-        sink_terms = []
         for lo, hi, index, calls, mask in run.chunks[c]:
             starts, m = run.starts[lo:hi], hi - lo
             # index_select over the flat index: several times faster than advanced indexing on CPU
@@ -340,38 +342,43 @@ def _image_rows(qh, kk, vv, dst, c: int, plan: _Plan, scale: float) -> None:
             for r0, r1, nk in calls:
                 o, lse = _flash(qs[:, :, r0:r1], ks[:, None, :nk].expand(m, h, nk, D),
                                 vs[:, None, :nk].expand(m, h, nk, vv.shape[-1]), False, scale, mask[:, :, r0:r1, :nk])
-                if c == Category.SINK:
-                    sink_terms.append((o, lse))
-                else:
-                    _write_segments(dst, run.starts[lo:hi], L, r0, r1, o)
-        if sink_terms:  # SINK rows also keep their own key, unless it is a sink (kept above): one merge per run
-            o = torch.cat([t[0] for t in sink_terms]) if len(sink_terms) > 1 else sink_terms[0][0]
-            lse = torch.cat([t[1] for t in sink_terms]) if len(sink_terms) > 1 else sink_terms[0][1]
-            own_k, own_v = _segments_of(kk[None], run.starts, L), _segments_of(vv[None], run.starts, L)
-            # the own key's score and the merge in float32: in bf16 the score's rounding alone (~0.4% of a
-            # logit) would move the weights by more than dense SDPA's own rounding does
-            score = torch.linalg.vecdot(_segments_of(qh, run.starts, L).float(), own_k.float()).mul_(scale)
-            score[:, :, :ns] = float("-inf")
-            _write_segments(dst, run.starts, L, 0, L, _merge(o, lse, own_v, score))
+                if c == Category.SINK:  # its one call holds every row (r0, r1 = 0, L)
+                    o = _with_own_key(o, lse, qs, kk, vv, starts, L, ns, scale)
+                _write_segments(dst, starts, L, r0, r1, o)
+
+
+def _with_own_key(o, lse, qs, kk, vv, starts, L: int, ns: int, scale: float) -> torch.Tensor:
+    """SINK rows' output ``o`` (with its log-sum-exp) over their other keys, merged with each row's own key,
+    unless that key is a sink (among the other keys already). The own key's score and the merge are in float32:
+    in bf16 the score's rounding alone (~0.4% of a logit) would move the weights by more than dense SDPA's own
+    rounding does."""
+    own_k, own_v = _segments_of(kk[None], starts, L), _segments_of(vv[None], starts, L)
+    score = torch.linalg.vecdot(qs.float(), own_k.float()).mul_(scale)
+    score[:, :, :ns] = float("-inf")
+    return _merge(o, lse, own_v, score)
 
 
 def _text_rows(qh, kk, vv, dst, tp: _TextPlan, scale: float) -> None:
     h, _, D = qh.shape
     qr = qh[:, tp.rows]
     outs = []
-    for r0, r1, nk, mask in tp.chunks:
-        o, _ = _flash(qr[None, :, r0:r1], kk[None, None, :nk].expand(1, h, nk, D),
-                      vv[None, None, :nk].expand(1, h, nk, vv.shape[-1]), False, scale,
-                      None if mask is None else mask[None, None])
+    for r0, r1, split, nk, mask in tp.chunks:
+        o, lse = _flash(qr[None, :, r0:r1], kk[None, None, split:nk].expand(1, h, nk - split, D),
+                        vv[None, None, split:nk].expand(1, h, nk - split, vv.shape[-1]), False, scale,
+                        None if mask is None else mask[None, None])
+        if split:  # the keys every row keeps, unmasked (the float mask costs ~13% of a call's time on CPU)
+            o0, lse0 = _flash(qr[None, :, r0:r1], kk[None, None, :split].expand(1, h, split, D),
+                              vv[None, None, :split].expand(1, h, split, vv.shape[-1]), False, scale)
+            o = _merge(o0, lse0, o, lse).to(qh.dtype)
         outs.append(o[0])
     dst[:, tp.rows] = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
 
 def _merge(o1, lse1, o2, lse2) -> torch.Tensor:
-    """Softmax over the union of two disjoint key sets from each set's (output, log-sum-exp), in float32."""
-    lse = torch.logaddexp(lse1, lse2)
-    w1, w2 = torch.exp(lse1 - lse).unsqueeze(-1), torch.exp(lse2 - lse).unsqueeze(-1)
-    return torch.addcmul(o1.float() * w1, o2.float(), w2)
+    """Softmax over the union of two disjoint key sets from each set's (output, log-sum-exp), in float32: the second
+    set's share of the weight is exp(lse2) / (exp(lse1) + exp(lse2)) = sigmoid(lse2 - lse1), and one lerp mixes
+    the outputs (one pass over them)."""
+    return torch.lerp(o1.float(), o2.float(), torch.sigmoid(lse2.float() - lse1.float()).unsqueeze(-1))
 
 
 _BALANCE_MIN_ROWS = 2048  # below this a causal call is cheap enough that one more call and a merge do not pay
@@ -480,8 +487,10 @@ def _causal_work(plan: _Plan, heads: list[int], rep: int, S: int) -> Work:
     sparse = [int(c != Category.DENSE) for c in heads]
     for h0, h1, _ in _head_groups(sparse, rep, True):
         if sparse[h0] and plan.text_rows.numel():
-            for r0, r1, nk, _ in plan.text_plan(h1 - h0).chunks:
-                work += _small_call(1, h1 - h0, r1 - r0, nk)
+            for r0, r1, split, nk, _ in plan.text_plan(h1 - h0).chunks:
+                work += _small_call(1, h1 - h0, r1 - r0, nk - split)
+                if split:
+                    work += _small_call(1, h1 - h0, r1 - r0, split)
     return work
 
 

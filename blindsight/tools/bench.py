@@ -26,7 +26,7 @@ from ..lowering import layout_plan, resolve_lowering
 from ..masks import BaseMask, clear_block_mask_cache
 from ..masks.block import category_tiles
 from ..profile import ModelInfo, Profile
-from ..progress import median_time
+from ..progress import alternating_medians, median_time
 from ..progress import steps as progress_steps
 from ..template import Template
 from .presets import DEMO_LAYOUT, DEMO_MIX
@@ -138,9 +138,9 @@ def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None 
         return sparse_attention(q, k, v, None, layout, heads, None, True, lowering, only_if_faster=only_if_faster)
 
     with torch.no_grad():
-        t_dense = median_time(lambda: dense(q, k, v), repeat, warmup=1)
-        t_sparse = median_time(sparse, repeat, warmup=1)
-        t_default = median_time(lambda: sparse(True), repeat, warmup=1)
+        t = alternating_medians({"dense": lambda: dense(q, k, v), "sparse": sparse, "default": lambda: sparse(True)},
+                                repeat)
+        t_dense, t_sparse, t_default = t["dense"], t["sparse"], t["default"]
         out = sparse()
         checked = sample_rows(layout, check_rows)
         err = max_error_on_rows(out, q, k, v, layout, heads, checked)
@@ -296,10 +296,13 @@ def _prefill(cfg: BenchConfig, profile: Profile, layout: Layout, dtype, lowering
     torch._dynamo.reset()
     dense = torch.compile(model, dynamic=False)
     sparse = torch.compile(model, backend=blindsight_backend(profile, lowering=lowering), dynamic=False)
-    with torch.no_grad():
-        t_dense = median_time(lambda: dense(inputs_embeds=emb), cfg.repeat)
+    def sparse_call():
         with use_layout(layout):
-            t_sparse = median_time(lambda: sparse(inputs_embeds=emb), cfg.repeat)
+            return sparse(inputs_embeds=emb)
+
+    with torch.no_grad():
+        t = alternating_medians({"dense": lambda: dense(inputs_embeds=emb), "sparse": sparse_call}, cfg.repeat, 2)
+    t_dense, t_sparse = t["dense"], t["sparse"]
     flops = prefill_flops(layout, profile, config)
     result = {"dense_prefill_s": t_dense, "blindsight_prefill_s": t_sparse, "prefill_speedup": t_dense / t_sparse,
               "prefill_ideal": flops.ideal_speedup, "prefill_efficiency": t_dense / t_sparse / flops.ideal_speedup}

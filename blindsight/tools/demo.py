@@ -21,7 +21,6 @@ that is in question, whatever the cost model would choose at this length.
 from __future__ import annotations
 
 import os
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -31,7 +30,7 @@ from .. import hf
 from ..calibrate import calibrate
 from ..fx import blindsight_backend
 from ..layout import Layout, layout_from_ids, use_layout
-from ..progress import median_time
+from ..progress import alternating_medians, median_time
 from ..scoring import Example, accuracy, by_task, compiled_language_model, flop_reductions
 from ..stats import stats
 from ..tune import points, tune
@@ -109,29 +108,22 @@ def _alternating_prefill_times(model, ex: Example, profile, repeat: int) -> tupl
     layout = layout_from_ids(ex.inputs["input_ids"], profile.template)
     forwards = {"dense": torch.compile(original, backend="inductor", dynamic=False),
                 "blindsight": torch.compile(original, backend=blindsight_backend(profile), dynamic=False)}
-    times: dict = {name: [] for name in forwards}
 
     def once(name):
         lm.forward = forwards[name]
         with torch.no_grad(), use_layout(layout) if name == "blindsight" else contextlib.nullcontext():
-            start = time.perf_counter()
             lm(**kwargs)
-            return time.perf_counter() - start
 
     before = _decided_calls()
     try:
         with torch._dynamo.config.patch(recompile_limit=64):
-            for name in forwards:
-                once(name), once(name)
-            for _ in range(20 * repeat):
-                for name in forwards:
-                    times[name].append(once(name))
+            t = alternating_medians({name: lambda name=name: once(name) for name in forwards}, 20 * repeat, 2)
     finally:
         lm.forward = original
     if _decided_calls() == before:
         raise RuntimeError("the timed BlindSight prefill ran no sparse attention; check the profile and backend "
                            "options")
-    return statistics.median(times["dense"]), statistics.median(times["blindsight"])
+    return t["dense"], t["blindsight"]
 
 
 def _decided_calls() -> int:

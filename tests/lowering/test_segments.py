@@ -103,3 +103,18 @@ def test_masks_built_per_call_beyond_the_budget(monkeypatch):
     monkeypatch.setattr(lowering, "_PLANS", {})
     _check(Layout.from_spec("text:5,(image:300,text:3)x3,image:200,text:4", T2),
            ["sink", "intra", "dense", "intra_sink"], 2)
+
+
+@pytest.mark.parametrize("spec", ["text:5,(image:30,text:3)x3,image:20,text:4", "text:40,image:17,text:9,image:40"])
+def test_text_rows_keys_kept_by_every_row_run_unmasked(monkeypatch, spec):
+    """Text rows: a chunk's keys before its first row run as an unmasked call merged with the masked rest (here
+    from the first key on, and a chunk per text run, so every chunk but the first is split): same result."""
+    import blindsight.lowering.segments as lowering
+
+    monkeypatch.setattr(lowering, "_UNMASKED_MIN_KEYS", 1)
+    monkeypatch.setattr(lowering, "_CALL_COST", 1)
+    monkeypatch.setattr(lowering, "_PLANS", {})
+    layout = Layout.from_spec(spec, T2)
+    plan = lowering.layout_plan(layout.image[0], layout.sink[0], [int(Category.INTRA)] * 2, 1, torch.float32)
+    assert any(chunk[2] for chunk in plan.text_plan(2).chunks)
+    _check(layout, ["intra", "sink", "intra_sink", "dense"], 2)
