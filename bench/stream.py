@@ -4,11 +4,13 @@ N prompts of random lengths and layouts (1-6 images of random grids each, text b
 weight Qwen2-VL-architecture model, four ways: BlindSight compiled (``torch.compile(model,
 backend=blindsight_backend(profile))``, defaults), BlindSight eager (``blindsight.attach``), compiled dense
 (``torch.compile(model)``) and eager SDPA. Each runs the stream twice: the first pass includes every
-compilation (reported in all), the second is warm (median per prompt). Each prompt's output is compared with the
-first mode's... no: each BlindSight mode is compared with the other BlindSight mode (same math, two paths), and the
-dense modes with each other.
+compilation (reported in all), the second is warm (median per prompt). The two BlindSight modes' outputs are
+compared with each other (same math, two paths), and so are the two dense modes'.
 
-    python bench/stream.py [--prompts 12] [--hidden 256 --layers 4 --heads 8 --kv-heads 2] [--json]
+``--grid-scale K`` multiplies each image's grid sides by K (K^2 times the tokens): 1 gives prompts of a few
+hundred tokens, which the cost model runs dense; 3 gives ~0.6-5K tokens, where sparse attention pays.
+
+    python bench/stream.py [--prompts 12] [--grid-scale 1] [--hidden 256 --layers 4 --heads 8 --kv-heads 2] [--json]
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def build(hidden: int, layers: int, heads: int, kv_heads: int):
     return Qwen2VLForConditionalGeneration(cfg).eval()
 
 
-def make_stream(n: int, seed: int = 0) -> list[dict]:
+def make_stream(n: int, seed: int = 0, grid_scale: int = 1) -> list[dict]:
     rng = random.Random(seed)
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -56,7 +58,7 @@ def make_stream(n: int, seed: int = 0) -> list[dict]:
             t = rng.randint(4, 40)
             ids += [rng.randint(10, 999) for _ in range(t)]
             types += [0] * t
-            h, w = rng.choice(GRIDS)
+            h, w = (grid_scale * side for side in rng.choice(GRIDS))
             ids += [1002] + [1000] * (h * w // 4) + [1003]
             types += [0] + [1] * (h * w // 4) + [0]
             pix.append(torch.randn(h * w, 1176, generator=g))
@@ -96,12 +98,13 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--grid-scale", type=int, default=1)
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     base = build(args.hidden, args.layers, args.heads, args.kv_heads)
     mix = [Category(i % 4) for i in range(args.heads)]  # every category, in every layer
     profile = Profile.from_categories([mix] * args.layers, base)
-    prompts = make_stream(args.prompts)
+    prompts = make_stream(args.prompts, grid_scale=args.grid_scale)
     lengths = [p["input_ids"].shape[1] for p in prompts]
 
     def forward(model, p):

@@ -26,7 +26,14 @@ from ..layout import Layout
 from ..stats import count, record_fallback
 from .cost import KernelRates, Work, kernel_rates, sparse_pays
 from .flex import flex_sparse_attention, flex_work, measure_flex_rates
-from .segments import layout_plan, measure_segment_rates, segment_attention, segment_bound, segment_work
+from .segments import (
+    is_plain_causal,
+    layout_plan,
+    measure_segment_rates,
+    segment_attention,
+    segment_bound,
+    segment_work,
+)
 
 __all__ = ["LOWERINGS", "Lowering", "sparse_attention", "dense_attention", "calls_use", "resolve_lowering",
            "segment_attention", "layout_plan", "flex_sparse_attention", "default_scale", "predicted_work",
@@ -106,7 +113,15 @@ def calls_use(layout: Layout | None, reason: str | None = None, warn_always: boo
 
 
 def dense_attention(q, k, v, attn_mask, scale, is_causal, dropout_p: float = 0.0) -> torch.Tensor:
-    """The call as it was: SDPA (GQA by broadcasting when K/V have fewer heads)."""
+    """The call as it was: SDPA (GQA by broadcasting when K/V have fewer heads).
+
+    A bool mask that is exactly causal in every batch row (transformers materializes it under torch.compile,
+    where it cannot prove the prompt unpadded) runs as ``is_causal=True``: the same pairs, and the fused kernels
+    skip the blocks above the diagonal only then (with a mask they compute every block: 2x the work).
+    """
+    if attn_mask is not None and q.shape[2] == k.shape[2] and all(
+            is_plain_causal(attn_mask, b) for b in range(attn_mask.shape[0])):
+        attn_mask, is_causal = None, True
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
