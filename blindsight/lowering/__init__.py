@@ -35,9 +35,9 @@ from .segments import (
     segment_work,
 )
 
-__all__ = ["LOWERINGS", "Lowering", "sparse_attention", "dense_attention", "calls_use", "resolve_lowering",
-           "segment_attention", "layout_plan", "flex_sparse_attention", "default_scale", "predicted_work",
-           "never_pays"]
+__all__ = ["LOWERINGS", "Lowering", "sparse_attention", "dense_attention", "shared_mask", "calls_use",
+           "resolve_lowering", "segment_attention", "layout_plan", "flex_sparse_attention", "default_scale",
+           "predicted_work", "never_pays"]
 
 
 @dataclass(frozen=True)
@@ -231,3 +231,16 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
 @attention_op.register_fake
 def _(q, k, v, attn_mask, heads, scale, is_causal, lowering, block_size, only_if_faster):
     return q.new_empty(*q.shape[:-1], v.shape[-1])
+
+
+@torch.library.custom_op("blindsight::shared_mask", mutates_args=())
+def shared_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The graph's attention mask, materialized once for all its ``blindsight::attention`` ops. Inductor computes
+    a mask built from cheap pointwise ops (transformers' causal-and-padding mask) into a buffer of its own for
+    each extern op that reads it: one S x S mask per layer, where SDPA nodes would share one."""
+    return mask.clone(memory_format=torch.contiguous_format)
+
+
+@shared_mask.register_fake
+def _(mask):
+    return torch.empty_like(mask, memory_format=torch.contiguous_format)

@@ -16,9 +16,21 @@ import torch
 import blindsight
 from blindsight import BackendOptions, Category, Layout, Template, blindsight_backend, reference_mask, use_layout
 from blindsight.fx import find_sites, rewrite_sites
-from blindsight.fx.sites import module_path
+from blindsight.fx.sites import module_path, node_value
 
-from tiny_graphs import HIDDEN, OP, NoAttention, Recording, TinyVLM, calls, captured, profile, sdpa_calls
+from tiny_graphs import (
+    HEADS,
+    HIDDEN,
+    KV_HEADS,
+    OP,
+    NoAttention,
+    Recording,
+    TinyVLM,
+    calls,
+    captured,
+    profile,
+    sdpa_calls,
+)
 
 TEMPLATE = Template((252,), (253,), (250,), 1)
 LAYOUT = Layout.from_spec("text:2,image:6,text:1,image:5,text:2", TEMPLATE)  # 16 tokens, 2 images
@@ -82,6 +94,75 @@ def test_rewrite_replaces_exactly_the_language_model_sdpa_nodes():
         assert module_path(op) == f"model.language_model.layers.{layer}.self_attn"
         assert (q, k, v) == qkv[layer]  # the same tensors: no new graph inputs
     gm.graph.lint()
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_repeated_kv_heads_are_given_to_the_op_unrepeated(dynamic):
+    """transformers repeats K/V per query head when it passes a mask: the op takes the KV-head tensors (the
+    lowering groups the heads of one KV head in one call) and the repeat is gone from the graph; exact."""
+    model, prof = TinyVLM(layers=2, vision_layers=1, repeat_kv=True), profile()
+    gm = captured(model, X, dynamic=dynamic)
+    scan = find_sites(gm, prof)
+    assert rewrite_sites(gm, scan, prof, "segments", 64) == 2
+    assert counters("kv_repeats_removed") == {"kv_repeats_removed": 2}
+    for op in calls(gm, OP):
+        q, k, v = (node_value(a) for a in op.args[:3])
+        assert q.shape[1] == HEADS and k.shape[1] == v.shape[1] == KV_HEADS
+    assert not [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "expand"]
+    gm.graph.lint()
+
+    blindsight.reset_stats()
+    compiled, _ = compile_blindsight(model, prof)
+    with torch.no_grad(), use_layout(LAYOUT):
+        out = compiled(X)
+    assert counters("kv_repeats_removed", "sparse_calls") == {"kv_repeats_removed": 2, "sparse_calls": 2}
+    torch.testing.assert_close(out, reference(model, X, prof), atol=1e-5, rtol=1e-5)
+
+
+def test_a_repeat_used_elsewhere_is_kept():
+    """A repeated K that another node also reads stays in the graph (only the op's inputs change)."""
+    model, prof = TinyVLM(layers=1, vision_layers=1, repeat_kv=True), profile(layers=1)
+    gm = captured(model, X)
+    (site,) = find_sites(gm, prof).sites
+    key = site.node.args[1]
+    with gm.graph.inserting_after(site.node):
+        gm.graph.call_method("sum", (key,))  # another reader of the repeated K
+    scan = find_sites(gm, prof)
+    rewrite_sites(gm, scan, prof, "segments", 64)
+    assert key in gm.graph.nodes and len(key.users) == 1
+    (op,) = calls(gm, OP)
+    assert node_value(op.args[1]).shape[1] == KV_HEADS
+    gm.graph.lint()
+
+
+class MaskInGraph(torch.nn.Module):
+    """A model that builds its causal mask from pointwise ops in its forward, as transformers does under compile."""
+
+    def __init__(self):
+        super().__init__()
+        self.vlm = TinyVLM(layers=2, vision_layers=1)
+
+    def forward(self, x):
+        pos = torch.arange(x.shape[1], device=x.device)
+        return self.vlm(x, (pos[None, :] <= pos[:, None])[None, None])
+
+
+def test_a_mask_read_by_several_sites_is_materialized_once():
+    model, prof = MaskInGraph(), profile()
+    gm = captured(model, X)
+    scan = find_sites(gm, prof)
+    mask = scan.sites[0].node.kwargs["attn_mask"]
+    rewrite_sites(gm, scan, prof, "segments", 64)
+    (shared,) = calls(gm, torch.ops.blindsight.shared_mask.default)
+    assert shared.args == (mask,)
+    assert [op.args[3] for op in calls(gm, OP)] == [shared, shared]
+    gm.graph.lint()
+
+    compiled, _ = compile_blindsight(model, prof)
+    with torch.no_grad(), use_layout(LAYOUT):
+        out = compiled(X)
+    assert counters("sparse_calls") == {"sparse_calls": 2}
+    torch.testing.assert_close(out, reference(model.vlm, X, prof), atol=1e-5, rtol=1e-5)
 
 
 def test_backend_runs_the_language_model_sparse_and_exact():

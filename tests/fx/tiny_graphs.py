@@ -25,11 +25,12 @@ OP = torch.ops.blindsight.attention.default
 
 class Attention(nn.Module):
     """q/k/v projections and one SDPA call (or, ``eager=True``, the same attention without SDPA); ``dropout``
-    applies in training mode only."""
+    applies in training mode only; ``repeat_kv``: K/V repeated per query head as transformers does when it passes a
+    mask (``x[:, :, None].expand(...).reshape(...)``), instead of ``enable_gqa``."""
 
-    def __init__(self, causal: bool = True, dropout: float = 0.0, eager: bool = False):
+    def __init__(self, causal: bool = True, dropout: float = 0.0, eager: bool = False, repeat_kv: bool = False):
         super().__init__()
-        self.causal, self.dropout, self.eager = causal, dropout, eager
+        self.causal, self.dropout, self.eager, self.repeat_kv = causal, dropout, eager, repeat_kv
         self.q_proj = nn.Linear(HIDDEN, HEADS * HEAD_DIM)
         self.k_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM)
         self.v_proj = nn.Linear(HIDDEN, KV_HEADS * HEAD_DIM)
@@ -49,7 +50,11 @@ class Attention(nn.Module):
         else:
             causal = self.causal and mask is None
             dropout = self.dropout if self.training else 0.0  # as transformers passes it
-            out = SDPA(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=True)
+            if self.repeat_kv:
+                rep = HEADS // KV_HEADS
+                k, v = (t[:, :, None, :, :].expand(B, KV_HEADS, rep, t.shape[2], HEAD_DIM).reshape(B, HEADS, t.shape[2],
+                                                                                              HEAD_DIM) for t in (k, v))
+            out = SDPA(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal, enable_gqa=not self.repeat_kv)
         return out.transpose(1, 2).reshape(B, S, HEADS * HEAD_DIM)
 
 
