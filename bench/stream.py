@@ -3,15 +3,17 @@
 N prompts of random lengths and layouts (1-6 images of random grids each, text between them) through a random-
 weight Qwen2-VL-architecture model, four ways: BlindSight compiled (``torch.compile(model,
 backend=blindsight_backend(profile))``, defaults), BlindSight eager (``blindsight.attach``), compiled dense
-(``torch.compile(model)``) and eager SDPA. Each runs the stream twice: the first pass includes every
-compilation (reported in all), the second is warm (median per prompt). The two BlindSight modes' outputs are
+(``torch.compile(model)``) and eager SDPA. Each runs the stream once with every compilation (reported in
+all); then ``--rounds`` warm rounds run each prompt through the four in turn (per prompt the median, then the
+mean over prompts), so the modes share the machine's drift. The two BlindSight modes' outputs are
 compared with each other (same math, two paths) on the prompts both ran the same way (sparse, or dense where the
 cost model predicted no gain), and so are the two dense modes'.
 
 ``--grid-scale K`` multiplies each image's grid sides by K (K^2 times the tokens): 1 gives prompts of a few
-hundred tokens, which the cost model runs dense; 3 gives ~0.6-5K tokens, where sparse attention pays.
+hundred tokens, which the cost model runs dense; 3 gives ~0.8-4K tokens, where sparse attention pays.
 
-    python bench/stream.py [--prompts 12] [--grid-scale 1] [--hidden 256 --layers 4 --heads 8 --kv-heads 2] [--json]
+    python bench/stream.py [--prompts 12] [--grid-scale 1] [--rounds 5] [--json]
+                           [--hidden 256 --layers 4 --heads 8 --kv-heads 2]
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def make_stream(n: int, seed: int = 0, grid_scale: int = 1) -> list[dict]:
     return out
 
 
-def run_mode(model, prompts, call):
-    outs, sparse, warm = [], [], []
+def first_pass(model, prompts, call):
+    """Every prompt once (every compilation included): outputs, which prompts ran sparse, and the counters."""
+    outs, sparse = [], []
     blindsight.reset_stats()
     cold = 0.0
     with torch.no_grad():
@@ -84,15 +87,23 @@ def run_mode(model, prompts, call):
             cold += time.perf_counter() - t
             sparse.append(blindsight.stats().get("sparse_calls", 0) > before)
     stats = blindsight.stats()
-    fraction = blindsight.sparse_fraction()
+    return (outs, sparse), {"first_pass_s": cold,
+                            "sparse_fraction": blindsight.sparse_fraction() if "sparse_calls" in stats else 0.0,
+                            "graphs_compiled": stats.get("graphs_compiled", 0)}
+
+
+def warm_seconds(models: dict, prompts, call, rounds: int) -> dict:
+    """Mean over prompts of each prompt's median time, every prompt run by each model in turn, ``rounds`` times:
+    this machine drifts by tens of percent over minutes, so modes timed one after another are not comparable."""
+    times = {name: [[] for _ in prompts] for name in models}
     with torch.no_grad():
-        for p in prompts:
-            t = time.perf_counter()
-            call(model, p)
-            warm.append(time.perf_counter() - t)
-    return (outs, sparse), {"first_pass_s": cold, "warm_per_prompt_s": statistics.median(warm),
-                  "sparse_fraction": fraction if "sparse_calls" in stats else 0.0,
-                  "graphs_compiled": stats.get("graphs_compiled", 0)}
+        for _ in range(rounds):
+            for i, p in enumerate(prompts):
+                for name, model in models.items():
+                    t = time.perf_counter()
+                    call(model, p)
+                    times[name][i].append(time.perf_counter() - t)
+    return {name: statistics.mean(statistics.median(ts) for ts in per) for name, per in times.items()}
 
 
 def main(argv=None) -> int:
@@ -103,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--kv-heads", type=int, default=2)
     ap.add_argument("--grid-scale", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5, help="warm rounds, the four modes interleaved per prompt")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     base = build(args.hidden, args.layers, args.heads, args.kv_heads)
@@ -120,10 +132,13 @@ def main(argv=None) -> int:
         "dense_compiled": lambda m: torch.compile(m),
         "dense_eager": lambda m: m,
     }
-    results, outputs = {}, {}
-    for name, wrap in modes.items():
-        torch._dynamo.reset()
-        outputs[name], results[name] = run_mode(wrap(copy.deepcopy(base)), prompts, forward)
+    results, outputs, models = {}, {}, {}
+    torch._dynamo.reset()
+    for name, wrap in modes.items():  # one Dynamo cache: the compiled models stay compiled for the warm rounds
+        models[name] = wrap(copy.deepcopy(base))
+        outputs[name], results[name] = first_pass(models[name], prompts, forward)
+    for name, seconds in warm_seconds(models, prompts, forward, args.rounds).items():
+        results[name]["warm_per_prompt_s"] = seconds
     for a, b in (("blindsight_compiled", "blindsight_eager"), ("dense_compiled", "dense_eager")):
         # a prompt's output is its sparse attention's or, where the cost model chose dense, the dense one's: compare
         # prompts the two paths ran the same way (the decisions rest on rates each process measures)
