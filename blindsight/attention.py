@@ -19,7 +19,7 @@ import torch
 from .fx.options import BackendOptions
 from .hf import language_model_layer, text_config_key
 from .layout import prompt_layout
-from .lowering import dense_attention, sparse_attention
+from .lowering import dense_attention, never_pays, sparse_attention
 from .profile import Profile, check_template
 from .stats import record_fallback
 from .template import Template
@@ -58,6 +58,12 @@ def blindsight_attention_forward(module: torch.nn.Module, query, key, value, att
     if dropout:
         record_fallback("dropout", 1, warn)
         out = dense_attention(query, key, value, attention_mask, scaling, is_causal, dropout)
+    elif q_len > 1 and key.shape[2] == q_len and state.options.only_if_faster and never_pays(
+            state.options.lowering, query.device, query.dtype, query.shape[0], q_len, query.shape[1], key.shape[1],
+            query.shape[3], state.heads):
+        # too short to gain whatever the layout (as the compiled path's dense graph): no layout work
+        record_fallback("not_faster", 1, warn)
+        out = dense_attention(query, key, value, attention_mask, scaling, is_causal)
     else:
         # decode is dense by definition: no need to find the prompt
         layout, reason = (None, None) if q_len == 1 else prompt_layout(state.template, warn=warn)

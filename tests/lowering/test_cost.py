@@ -32,7 +32,14 @@ def _run_quietly(fn):
 
 
 @pytest.mark.parametrize("path", ["compiled", "eager"])
-def test_short_prompt_runs_dense_counted_and_exact(path):
+def test_short_prompt_runs_dense_counted_and_exact(path, monkeypatch):
+    """...without looking for the prompt's layout: no call could gain, whatever it is."""
+    import blindsight.attention
+    import blindsight.fx.runtime
+
+    looked = []
+    for module in (blindsight.attention, blindsight.fx.runtime):
+        monkeypatch.setattr(module, "prompt_layout", lambda *a, **k: looked.append(1) or (None, "no_layout"))
     model, ref_model = build("qwen2_vl"), build("qwen2_vl")
     profile = mixed_profile(model)
     if path == "compiled":
@@ -50,6 +57,7 @@ def test_short_prompt_runs_dense_counted_and_exact(path):
         torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
         assert s.get("fallback.not_faster") == 2 and "sparse_calls" not in s, s  # 2 decoder layers
         assert blindsight.sparse_fraction() == 1.0  # dense by design is not a missed sparse call
+        assert not looked
 
 
 def _attention_inputs(spec, heads=4, kv_heads=2, head_dim=64, seed=0):
