@@ -27,7 +27,7 @@ from ..stats import count, record_fallback
 from .cost import KernelRates, Work, kernel_rates, sparse_pays
 from .flex import flex_sparse_attention, flex_work, measure_flex_rates
 from .segments import (
-    is_plain_causal,
+    is_causal_mask,
     layout_plan,
     measure_segment_rates,
     segment_attention,
@@ -119,8 +119,7 @@ def dense_attention(q, k, v, attn_mask, scale, is_causal, dropout_p: float = 0.0
     where it cannot prove the prompt unpadded) runs as ``is_causal=True``: the same pairs, and the fused kernels
     skip the blocks above the diagonal only then (with a mask they compute every block: 2x the work).
     """
-    if attn_mask is not None and q.shape[2] == k.shape[2] and all(
-            is_plain_causal(attn_mask, b) for b in range(attn_mask.shape[0])):
+    if attn_mask is not None and q.shape[2] == k.shape[2] and is_causal_mask(attn_mask):
         attn_mask, is_causal = None, True
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])

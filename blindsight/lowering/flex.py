@@ -21,7 +21,7 @@ from ..layout import Layout
 from ..masks import BaseMask, build_block_mask
 from ..masks.block import category_tiles
 from .cost import KernelRates, Work, best_seconds
-from .segments import is_plain_causal
+from .segments import is_causal_mask
 
 __all__ = ["flex_sparse_attention", "flex_work", "measure_flex_rates"]
 
@@ -39,8 +39,7 @@ def _base(attn_mask, is_causal: bool) -> BaseMask:
     """The analytic part of the call's mask (what decides which tiles are computed)."""
     if attn_mask is None:
         return BaseMask(causal=is_causal)
-    plain = attn_mask.dtype == torch.bool and all(is_plain_causal(attn_mask, b) for b in range(attn_mask.shape[0]))
-    return BaseMask() if plain else BaseMask(causal=False)
+    return BaseMask() if is_causal_mask(attn_mask) else BaseMask(causal=False)
 
 
 def flex_work(q, k, attn_mask, layout: Layout, heads: list[int], is_causal: bool, block_size: int = 128,
@@ -82,8 +81,7 @@ def flex_sparse_attention(q, k, v, attn_mask, layout: Layout, heads: list[int], 
     if attn_mask is None:
         base = BaseMask(causal=is_causal)
     elif attn_mask.dtype == torch.bool:
-        plain = all(is_plain_causal(attn_mask, b) for b in range(attn_mask.shape[0]))
-        base = BaseMask() if plain else BaseMask.from_tensor(attn_mask)
+        base = BaseMask() if is_causal_mask(attn_mask) else BaseMask.from_tensor(attn_mask)
     else:  # additive float mask: -inf entries are masked, the rest is a bias on the scaled scores
         base = BaseMask.from_tensor(attn_mask != float("-inf"))
         bias = attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])

@@ -20,6 +20,9 @@ def test_plain_causal_check_sees_every_entry(S):
     assert is_plain_causal(causal[None, None], 0)
     assert is_plain_causal(causal[None, None].expand(2, 3, S, S), 1)
     assert is_plain_causal(causal.t().contiguous().t()[None, None], 0)  # column-major: compared entry by entry
+    unaligned = torch.zeros(S * S + 3, dtype=torch.bool)[3:].view(S, S)  # contiguous, offset not a whole word
+    unaligned.copy_(causal)
+    assert is_plain_causal(unaligned[None, None], 0)
     g = torch.Generator().manual_seed(S)
     for _ in range(20):
         i, j = torch.randint(S, (2,), generator=g).tolist()
