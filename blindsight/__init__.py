@@ -10,14 +10,17 @@ The public surface (everything else is reachable from its module, with no promis
 - where the images are: :class:`Template`, :class:`Layout`, :func:`use_layout`, :func:`parse_layout_spec`,
   :func:`input_ids_from_spec`;
 - masks: :class:`BaseMask`, :func:`build_block_mask`, :func:`reference_mask` (more in :mod:`blindsight.masks`);
+- checks before running: :func:`check` (the profile, template and attention implementation against a model);
 - what happened: :func:`stats`, :func:`sparse_fraction`, :func:`reset_stats`;
+- memory: :func:`cache_info`, :func:`set_cache_limits`, :func:`clear_caches` (every cache is bounded);
 - errors: :class:`LayoutError`, :class:`ProfileFormatError`, :class:`ProfileMismatchError`,
   :class:`UnsupportedAttentionError`.
 
 The semantics are in docs/DESIGN.md.
 """
 
-from .attention import attach, detach
+from .attention import attach, check, detach
+from .cache import cache_info, clear_caches, set_cache_limits
 from .calibrate import calibrate
 from .categories import Category
 from .fx import BackendOptions, blindsight_backend
@@ -37,6 +40,7 @@ __all__ = [
     "BackendOptions",
     "attach",
     "detach",
+    "check",
     # profiles
     "Profile",
     "ModelInfo",
@@ -58,6 +62,10 @@ __all__ = [
     "stats",
     "sparse_fraction",
     "reset_stats",
+    # memory
+    "cache_info",
+    "set_cache_limits",
+    "clear_caches",
     # errors
     "LayoutError",
     "ProfileFormatError",

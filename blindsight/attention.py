@@ -17,14 +17,14 @@ from dataclasses import dataclass
 import torch
 
 from .fx.options import BackendOptions
-from .hf import language_model_layer, text_config_key
+from .hf import UnsupportedAttentionError, language_model_layer, not_sdpa_message, text_config_key
 from .layout import prompt_layout
 from .lowering import dense_attention, never_pays, sparse_attention
 from .profile import Profile, check_template
 from .stats import record_fallback
 from .template import Template
 
-__all__ = ["attach", "detach", "is_attached", "ATTENTION_NAME"]
+__all__ = ["attach", "detach", "check", "is_attached", "ATTENTION_NAME"]
 
 ATTENTION_NAME = "blindsight"
 
@@ -93,6 +93,35 @@ def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | N
     if not isinstance(profile, Profile):
         raise TypeError(f"attach needs a blindsight.Profile, got {type(profile).__name__}")
     options = replace(options or BackendOptions(), **overrides) if overrides else (options or BackendOptions())
+    template, modules = _checked(model, profile, options, compiled=False)
+    _register()
+    config = model.config
+    key = text_config_key(config)
+    sub = getattr(config, key) if key else config
+    # re-attaching keeps the implementation from before the first attach, which detach restores
+    previous = model.__dict__["_blindsight_previous"][1] if is_attached(model) else sub._attn_implementation
+    for name, m in modules:
+        m._blindsight = _Attached(tuple(int(c) for c in profile.layer_categories(language_model_layer(name))),
+                                  template, options)
+    model._blindsight_previous = (key, previous)
+    model.set_attn_implementation({key: ATTENTION_NAME} if key else ATTENTION_NAME)
+    return model
+
+
+def check(model: torch.nn.Module, profile: Profile, options: BackendOptions | None = None,
+          compiled: bool = True) -> None:
+    """Every check BlindSight makes of ``model`` before it runs it, now, each as its own exception: the profile
+    against the model's config (:class:`~blindsight.ProfileMismatchError`), the template against its ids, and
+    (``compiled``) that its language-model attention calls SDPA (:class:`~blindsight.UnsupportedAttentionError`).
+    :func:`attach` makes them; call it before ``torch.compile(model, backend=blindsight_backend(profile))``
+    to get them before compiling (the compiled model raises them at its first call)."""
+    if not isinstance(profile, Profile):
+        raise TypeError(f"check needs a blindsight.Profile, got {type(profile).__name__}")
+    _checked(model, profile, options or BackendOptions(), compiled)
+
+
+def _checked(model, profile: Profile, options: BackendOptions, compiled: bool):
+    """(template, language-model attention modules) of ``model`` after :func:`check`'s checks."""
     config = model.config
     profile.check_model(config)
     template = options.template if options.template is not None else profile.template
@@ -100,17 +129,13 @@ def attach(model: torch.nn.Module, profile: Profile, options: BackendOptions | N
         check_template(template, config, options.template is not None)
     modules = [(name, m) for name, m in model.named_modules() if language_model_layer(name) is not None]
     if not modules:
-        raise ValueError("attach: found no language-model attention modules (...layers.<i>.self_attn) in this model")
-    _register()
-    key = text_config_key(config)
-    sub = getattr(config, key) if key else config
-    previous = sub._attn_implementation
-    for name, m in modules:
-        m._blindsight = _Attached(tuple(int(c) for c in profile.layer_categories(language_model_layer(name))),
-                                  template, options)
-    model._blindsight_previous = (key, previous)
-    model.set_attn_implementation({key: ATTENTION_NAME} if key else ATTENTION_NAME)
-    return model
+        raise ValueError("found no language-model attention modules (...layers.<i>.self_attn) in this model")
+    if compiled:
+        key = text_config_key(config)
+        implementation = (getattr(config, key) if key else config)._attn_implementation
+        if implementation != "sdpa":
+            raise UnsupportedAttentionError(not_sdpa_message(modules[0][0]) + f" (it is {implementation!r})")
+    return template, modules
 
 
 def detach(model: torch.nn.Module) -> torch.nn.Module:

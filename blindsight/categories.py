@@ -64,9 +64,9 @@ def normalize_thresholds(thresholds) -> dict[Category, float]:
     if thresholds is None:
         thresholds = DEFAULT_THRESHOLD
     if is_number(thresholds):
-        out = {c: float(thresholds) for c in SPARSE_CATEGORIES}
+        given = {c: thresholds for c in SPARSE_CATEGORIES}
     elif isinstance(thresholds, Mapping):
-        out = {c: DEFAULT_THRESHOLD for c in SPARSE_CATEGORIES}
+        given = {}
         for key, value in thresholds.items():
             try:
                 c = Category.parse(key)
@@ -74,21 +74,27 @@ def normalize_thresholds(thresholds) -> dict[Category, float]:
                 raise ValueError(f"thresholds: {e}") from None
             if c == Category.DENSE:
                 raise ValueError("thresholds: dense has no threshold (it is the fallback)")
+            if c in given:
+                raise ValueError(f"thresholds: {c.json_name} is given twice ({show(key)})")
             if not is_number(value):
-                raise ValueError(f"threshold of {c.json_name} must be a number, got {value!r}")
-            out[c] = float(value)
+                raise ValueError(f"threshold of {c.json_name} must be a number, got {show(value)}")
+            given[c] = value
     else:
-        raise ValueError(f"thresholds must be a number in [0, 1] or a mapping {{category: number}}, got {thresholds!r}")
-    for c, v in out.items():
-        if not 0.0 <= v <= 1.0:  # NaN fails too
-            raise ValueError(f"threshold of {c.json_name} must be in [0, 1], got {v}")
+        raise ValueError(f"thresholds must be a number in [0, 1] or a mapping {{category: number}}, got "
+                         f"{show(thresholds)}")
+    out = {c: DEFAULT_THRESHOLD for c in SPARSE_CATEGORIES}
+    for c, v in given.items():
+        if not 0.0 <= v <= 1.0:  # NaN fails too; compared before float(), which a huge int would overflow
+            raise ValueError(f"threshold of {c.json_name} must be in [0, 1], got {show(v)}")
+        out[c] = float(v)
     return out
 
 
-def layer_thresholds(thresholds, num_layers: int) -> list[dict[Category, float]]:
+def layer_thresholds(thresholds, num_layers: int, keep: Sequence[Mapping] | None = None) -> list[dict[Category, float]]:
     """The thresholds of each layer: one setting for all layers (a number or mapping, as
-    :func:`normalize_thresholds`), or a list of ``num_layers`` such settings, one per layer. ValueError names what
-    is wrong."""
+    :func:`normalize_thresholds`), or a list of ``num_layers`` such settings, one per layer. In that list None
+    is ``keep[layer]`` (a layer's current thresholds, as this function returns them), or the default when
+    ``keep`` is None. ValueError names what is wrong."""
     if isinstance(thresholds, (list, tuple)):
         if len(thresholds) != num_layers:
             raise ValueError(f"per-layer thresholds must have one entry per layer ({num_layers}), got "
@@ -96,7 +102,10 @@ def layer_thresholds(thresholds, num_layers: int) -> list[dict[Category, float]]
         out = []
         for layer, t in enumerate(thresholds):
             if isinstance(t, (list, tuple)):
-                raise ValueError(f"thresholds[{layer}] must be a number or a mapping {{category: number}}, got {t!r}")
+                raise ValueError(f"thresholds[{layer}] must be a number or a mapping {{category: number}}, got "
+                                 f"{show(t)}")
+            if t is None and keep is not None:
+                t = keep[layer]
             try:
                 out.append(normalize_thresholds(t))
             except ValueError as e:
@@ -115,9 +124,9 @@ def thresholds_setting(per_layer: Sequence[Mapping[Category, float]]) -> dict | 
 def check_quantile(quantile) -> float:
     """The quantile over prompts as a float in [0, 1]; ValueError otherwise."""
     if not is_number(quantile):
-        raise ValueError(f"quantile must be a number in [0, 1], got {quantile!r}")
+        raise ValueError(f"quantile must be a number in [0, 1], got {show(quantile)}")
     if not 0.0 <= quantile <= 1.0:  # NaN fails too
-        raise ValueError(f"quantile must be in [0, 1], got {quantile}")
+        raise ValueError(f"quantile must be in [0, 1], got {show(quantile)}")
     return float(quantile)
 
 
@@ -125,13 +134,13 @@ def check_dense_layers(dense_layers, num_layers: int) -> tuple[int, ...]:
     """The layers forced DENSE as ints in [0, num_layers). A fractional or bool entry is refused: ``0.5`` would
     match no layer and ``True`` would be layer 1."""
     if isinstance(dense_layers, (str, bytes, Mapping)) or not isinstance(dense_layers, Iterable):
-        raise ValueError(f"dense_layers must be a list of layer numbers, got {dense_layers!r}")
+        raise ValueError(f"dense_layers must be a list of layer numbers, got {show(dense_layers)}")
     out = []
     for layer in dense_layers:
         if isinstance(layer, bool) or not isinstance(layer, numbers.Integral):
-            raise ValueError(f"dense_layers must be layer numbers (ints), got {layer!r}")
+            raise ValueError(f"dense_layers must be layer numbers (ints), got {show(layer)}")
         if not 0 <= layer < num_layers:
-            raise ValueError(f"dense_layers: layer {layer} is out of range for {num_layers} layers "
+            raise ValueError(f"dense_layers: layer {show(layer)} is out of range for {num_layers} layers "
                              f"(0 to {num_layers - 1})")
         out.append(int(layer))
     return tuple(out)
@@ -169,12 +178,14 @@ def decide_categories(agg: torch.Tensor, thresholds, dense_layers: Sequence[int]
 
 def parse_mix(mix: str, num_heads: int) -> list[Category]:
     """``"dense:3,intra:9"`` -> per-head categories (counts must add up to ``num_heads``)."""
-    heads: list[Category] = []
+    parts = []
     for item in mix.split(","):
         name, _, n = item.partition(":")
-        if n and not (n.strip().isdigit() and int(n) > 0):
-            raise ValueError(f"mix {mix!r}: {item!r} must be name:count with a positive count")
-        heads += [Category.parse(name)] * int(n or 1)
-    if len(heads) != num_heads:
-        raise ValueError(f"mix {mix!r} gives {len(heads)} heads, the model has {num_heads}")
-    return heads
+        # isdecimal, not isdigit: int() refuses '²'; a count of more digits than heads exist is too many anyway
+        if n and not (n.strip().isdecimal() and len(n.strip()) <= 18 and int(n) > 0):
+            raise ValueError(f"mix {show(mix)}: {show(item)} must be name:count with a positive count")
+        parts.append((Category.parse(name), int(n or 1)))
+    total = sum(n for _, n in parts)  # counted before the list is built: "dense:10000000000" would not fit
+    if total != num_heads:
+        raise ValueError(f"mix {show(mix)} gives {total} heads, the model has {num_heads}")
+    return [c for c, n in parts for _ in range(n)]

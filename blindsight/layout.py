@@ -14,12 +14,13 @@ import hashlib
 import os
 import re
 import sys
-import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+from .cache import BoundedCache, tensor_digest
 from .stats import count
 from .template import LayoutError, Template, find_segments
 
@@ -156,12 +157,25 @@ def _check_layout(image: torch.Tensor, sink: torch.Tensor) -> None:
 _SPEC_ITEM = re.compile(r"\s*(text|image)\s*:\s*(\d+)\s*")
 
 
-def parse_layout_spec(spec: str) -> list[tuple[str, int]]:
+def parse_layout_spec(spec: str, max_tokens: int = 1 << 24) -> list[tuple[str, int]]:
     """Parse ``"text:64,(image:496,text:16)x16,text:80"`` into ``[("text", 64), ("image", 496), ...]``.
 
-    ``image:N`` is one image of N tokens in all (delimiters included); ``(...)xK`` repeats a group K times.
+    ``image:N`` is one image of N tokens in all (delimiters included); ``(...)xK`` repeats a group K times. A spec
+    of more than ``max_tokens`` tokens (or items) is refused before it is expanded (ValueError), as is one nested
+    too deeply.
     """
     pos = 0
+    size = [0, 0]  # tokens, items so far
+
+    def number(digits: str) -> int:
+        if len(digits) > 18:
+            raise ValueError(f"layout spec {spec[:60]!r}: number {digits[:20]}... is too large")
+        return int(digits)
+
+    def too_long(tokens: int, items: int) -> None:
+        if tokens > max_tokens or items > max_tokens:
+            raise ValueError(f"layout spec {spec[:60]!r}{'...' if len(spec) > 60 else ''} is longer than "
+                             f"{max_tokens} tokens")
 
     def parse_list(end_char):
         nonlocal pos
@@ -171,12 +185,17 @@ def parse_layout_spec(spec: str) -> list[tuple[str, int]]:
                 pos += 1
             if pos < len(spec) and spec[pos] == "(":
                 pos += 1
+                before = list(size)
                 group = parse_list(")")
                 m = re.compile(r"\s*x\s*(\d+)").match(spec, pos)
                 if not m:
                     raise ValueError(f"layout spec {spec!r}: expected 'xN' after ')' at position {pos}")
                 pos = m.end()
-                items.extend(group * int(m.group(1)))
+                k = number(m.group(1))
+                tokens, count = size[0] - before[0], size[1] - before[1]  # the group's, once
+                size[0], size[1] = before[0] + tokens * k, before[1] + count * k
+                too_long(*size)
+                items.extend(group * k)
             else:
                 m = _SPEC_ITEM.match(spec, pos)
                 if not m:
@@ -184,7 +203,10 @@ def parse_layout_spec(spec: str) -> list[tuple[str, int]]:
                         f"layout spec {spec!r}: expected 'text:N', 'image:N' or '(...)xK' at position {pos}"
                     )
                 pos = m.end()
-                items.append((m.group(1), int(m.group(2))))
+                n = number(m.group(2))
+                size[0], size[1] = size[0] + n, size[1] + 1
+                too_long(*size)
+                items.append((m.group(1), n))
             if pos < len(spec) and spec[pos] == ",":
                 pos += 1
                 continue
@@ -195,7 +217,10 @@ def parse_layout_spec(spec: str) -> list[tuple[str, int]]:
                 return items
             raise ValueError(f"layout spec {spec!r}: unexpected character at position {pos}")
 
-    items = parse_list(None)
+    try:
+        items = parse_list(None)
+    except RecursionError:  # the parser recurses per group
+        raise ValueError(f"layout spec {spec[:60]!r}...: groups nested too deeply") from None
     for kind, n in items:
         if n < 1:
             raise ValueError(f"layout spec {spec!r}: {kind}:{n} must have at least one token")
@@ -248,34 +273,39 @@ def active_layout() -> Layout | None:
     return _ACTIVE_LAYOUT.get()
 
 
-_MEMO: list = []  # [(ids copy, mask copy, grid copy, template, layout)], newest first
-_MEMO_LOCK = threading.Lock()
-_MEMO_SIZE = 4
+# (content of the ids, mask, video grids; template) -> Layout: every graph and layer of a forward asks, and
+# concurrent forwards (threads of a server) each have their own prompt
+_MEMO = BoundedCache("layout.prompts", max_entries=64, max_bytes=64 << 20)
 
 
 def layout_from_ids(input_ids: torch.Tensor, template: Template, attention_mask=None, video_grid_thw=None) -> Layout:
     """:meth:`Layout.from_input_ids`, memoized on the *content* of the ids, mask and video grids (every graph and
     every layer of one forward asks; a reused buffer with new content is a new prompt). Works on inference
     tensors."""
-    with _MEMO_LOCK:
-        for ids, mask, grid, tpl, layout in _MEMO:
-            if (tpl == template and ids.shape == input_ids.shape and ids.device == input_ids.device
-                    and torch.equal(ids, input_ids) and _same_mask(mask, attention_mask)
-                    and _same_mask(grid, video_grid_thw)):
-                return layout
-    layout = Layout.from_input_ids(input_ids, template, attention_mask, video_grid_thw)
-    entry = (input_ids.detach().clone(), None if attention_mask is None else attention_mask.detach().clone(),
-             None if video_grid_thw is None else video_grid_thw.detach().clone(), template, layout)
-    with _MEMO_LOCK:
-        _MEMO.insert(0, entry)
-        del _MEMO[_MEMO_SIZE:]
-    return layout
+    key = (tensor_digest(input_ids), tensor_digest(attention_mask), tensor_digest(video_grid_thw), template)
+
+    def build():
+        try:
+            return Layout.from_input_ids(input_ids, template, attention_mask, video_grid_thw)
+        except LayoutError as e:  # remembered too: every layer of the forward asks again
+            return e
+    found = _MEMO.get_or_build(key, build)
+    if isinstance(found, LayoutError):
+        raise LayoutError(*found.args)
+    return found
 
 
-def _same_mask(a, b) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    return a.shape == b.shape and a.device == b.device and torch.equal(a, b)
+# the ids whose malformed prompt this thread counted last: every graph and layer of one forward reads them
+_LAST_MALFORMED: contextvars.ContextVar = contextvars.ContextVar("blindsight_last_malformed", default=None)
+
+
+def _first_refusal(ids: torch.Tensor) -> bool:
+    """Is this the first refusal of this forward's ids? (One forward passes one ids tensor to all its layers.)"""
+    last = _LAST_MALFORMED.get()
+    if last is not None and last() is ids:
+        return False
+    _LAST_MALFORMED.set(weakref.ref(ids))
+    return True
 
 
 _INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
@@ -334,7 +364,7 @@ def prompt_layout(template: Template | None, ids=None, mask=None,
     the compiled and the eager path. Order: :func:`use_layout`; the given ``ids``/``mask`` (a graph's own
     ``input_ids`` input); :func:`enclosing_input_ids` (and :func:`enclosing_video_grid` for per-frame video
     segments). A malformed prompt gives reason ``malformed_prompt``
-    (counted as ``malformed_prompts``; ``warn``: with the LayoutError's text)."""
+    (counted as ``malformed_prompts`` once per forward; ``warn``: with the LayoutError's text)."""
     layout = active_layout()
     if layout is not None:
         return layout, None
@@ -350,6 +380,8 @@ def prompt_layout(template: Template | None, ids=None, mask=None,
     try:
         return layout_from_ids(ids, template, mask, grid), None
     except LayoutError as e:
+        if not _first_refusal(ids):
+            return None, "malformed_prompt"
         count("malformed_prompts")
         if warn:
             warnings.warn(f"BlindSight: malformed prompt, running dense: {e}", stacklevel=3)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import stat
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -26,7 +28,7 @@ from .categories import (
     thresholds_setting,
 )
 from .template import VIDEO_SEGMENTS, Template
-from .values import is_int, is_number, show
+from .values import is_int, is_int_in, is_number, show
 from .version import __version__
 
 __all__ = [
@@ -41,6 +43,10 @@ __all__ = [
     "check_scores",
     "check_template",
     "check_template_dict",
+    "MAX_SHAPE",
+    "MAX_TOKEN_ID",
+    "MAX_SINKS",
+    "MAX_COUNT",
 ]
 
 PROFILE_FORMAT = "blindsight-profile"
@@ -50,6 +56,13 @@ PROFILE_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 # a stored recall is 1 - (float32 sums of probabilities) / rows: it may leave [0, 1] by rounding, not by more
 RECALL_SLACK = 1e-3
+# Bounds (DESIGN §4): what any model can have, so a number that loads cannot make a forward overflow or allocate
+# without end. Layers, query heads, KV heads and head dim are in [1, MAX_SHAPE]; token ids in [0, MAX_TOKEN_ID];
+# sinks_per_image in [1, MAX_SINKS]; the counts and indices of calibration records in [0, MAX_COUNT].
+MAX_SHAPE = 2 ** 16
+MAX_TOKEN_ID = 2 ** 31 - 1
+MAX_SINKS = 2 ** 16
+MAX_COUNT = 2 ** 31 - 1
 
 
 class ProfileFormatError(ValueError):
@@ -72,6 +85,8 @@ def _check_model_fields(m: dict, where: str) -> None:
     for name in _SHAPE_FIELDS:
         if not is_int(m[name]) or m[name] < 1:
             raise ValueError(f"{where}.{name} must be a positive int, got {show(m[name])}")
+        if m[name] > MAX_SHAPE:
+            raise ValueError(f"{where}.{name} is {show(m[name])}, more than any model has (at most {MAX_SHAPE})")
     if m["num_heads"] % m["num_kv_heads"]:
         raise ValueError(f"{where}: num_heads {m['num_heads']} is not a multiple of num_kv_heads {m['num_kv_heads']}")
     if m.get("template") is not None:
@@ -80,8 +95,8 @@ def _check_model_fields(m: dict, where: str) -> None:
 
 def check_template_dict(t, where: str = "template") -> None:
     """ValueError naming ``where.<field>`` unless ``t`` is what :meth:`Template.to_dict` writes: lists of int
-    token ids, ``sinks_per_image`` >= 1 (1 when absent), and Template's own checks pass. Template alone would
-    turn ``"5"`` or ``5.7`` into the id 5."""
+    token ids in [0, MAX_TOKEN_ID], ``sinks_per_image`` in [1, MAX_SINKS] (1 when absent), and Template's own
+    checks pass. Template alone would turn ``"5"`` or ``5.7`` into the id 5."""
     if not isinstance(t, dict):
         raise ValueError(f"{where} must be an object with {list(_TEMPLATE_IDS)} and sinks_per_image, got {show(t)}")
     for key in t:
@@ -95,18 +110,47 @@ def check_template_dict(t, where: str = "template") -> None:
         if not isinstance(t[name], (list, tuple)):
             raise ValueError(f"{where}.{name} must be a list of token ids, got {show(t[name])}")
         for i, v in enumerate(t[name]):
-            if not is_int(v) or v < 0:
-                raise ValueError(f"{where}.{name}[{i}] must be a token id (an int >= 0), got {show(v)}")
-    if t.get("video_segments", "video") not in VIDEO_SEGMENTS:
-        raise ValueError(f"{where}.video_segments must be one of {list(VIDEO_SEGMENTS)}, got "
-                         f"{show(t['video_segments'])}")
+            if not is_int_in(v, 0, MAX_TOKEN_ID):
+                raise ValueError(f"{where}.{name}[{i}] must be a token id (an int in [0, {MAX_TOKEN_ID}]), got "
+                                 f"{show(v)}")
+    segments = t.get("video_segments", "video")
+    if not isinstance(segments, str) or segments not in VIDEO_SEGMENTS:
+        raise ValueError(f"{where}.video_segments must be one of {list(VIDEO_SEGMENTS)}, got {show(segments)}")
     sinks = t.get("sinks_per_image", 1)
-    if not is_int(sinks) or sinks < 1:
-        raise ValueError(f"{where}.sinks_per_image must be an int >= 1, got {show(sinks)}")
+    if not is_int_in(sinks, 1, MAX_SINKS):
+        raise ValueError(f"{where}.sinks_per_image must be an int in [1, {MAX_SINKS}], got {show(sinks)}")
+    _check_template_ids(t, where)
     try:
         Template.from_dict(t)
     except ValueError as e:
         raise ValueError(f"{where}: {e}") from None
+
+
+def _check_template_ids(t: dict, where: str) -> None:
+    """The checks of :class:`Template` whose own messages name no field: ids used twice, and per-frame video
+    segments without video ids or delimiters."""
+    opens, closes = list(t["image_open_ids"]), list(t["image_close_ids"])
+    toggles = {o for o in opens if o in closes}
+    seen: dict[int, str] = {}
+    for name, ids in (("image_open_ids", opens), ("image_close_ids", [c for c in closes if c not in toggles]),
+                      ("image_token_ids", t["image_token_ids"]), ("final_part_ids", t.get("final_part_ids", ()))):
+        for v in ids:
+            if v in seen:
+                twice = f"twice in {name}" if seen[v] == name else f"in both {seen[v]} and {name}"
+                raise ValueError(f"{where}: token id {v} is {twice} (open, close, placeholder and final-part ids "
+                                 "must all differ; an id may be both open i and close i)")
+            seen[v] = name
+    final = t.get("final_part_ids", ())
+    if toggles and not final:
+        raise ValueError(f"{where}: id {min(toggles)} is in both image_open_ids and image_close_ids (it opens an image "
+                         "and separates its tiles), which needs final_part_ids (the ids that start an image's last "
+                         "part, after which it closes)")
+    if final and not toggles:
+        raise ValueError(f"{where}.final_part_ids need an id that is in both image_open_ids and image_close_ids (one "
+                         "that opens an image, separates its tiles, and closes it after a final part)")
+    if t.get("video_segments") == "frame" and not (t.get("video_token_ids") and opens):
+        raise ValueError(f'{where}.video_segments "frame" needs video_token_ids and image_open_ids (open/close '
+                         "delimiters)")
 
 
 @dataclass(frozen=True)
@@ -167,12 +211,14 @@ class Profile:
         object.__setattr__(self, "categories", cats)
         if len(cats) != self.model.num_layers:
             raise ProfileMismatchError(
-                f"profile has categories for {len(cats)} layers but its model has {self.model.num_layers}"
+                f"profile has categories for {len(cats)} layers but its model has {self.model.num_layers} "
+                "(categories, model.num_layers)"
             )
         for i, layer in enumerate(cats):
             if len(layer) != self.model.num_heads:
                 raise ProfileMismatchError(
-                    f"profile layer {i} has {len(layer)} heads but its model has {self.model.num_heads} query heads"
+                    f"profile layer {i} has {len(layer)} heads but its model has {self.model.num_heads} query heads "
+                    f"(categories[{i}], model.num_heads)"
                 )
 
     @classmethod
@@ -251,9 +297,11 @@ class Profile:
     def decide(self, thresholds=None, quantile: float | None = None, dense_layers=None) -> Profile:
         """A new profile decided from the stored per-prompt statistics (no model run). Unset arguments keep
         this profile's settings. ``thresholds``: one number, a mapping ``{category: number}``, or a list of one
-        of those per layer."""
+        of those per layer, where None keeps that layer's current thresholds (this profile's own), so
+        ``decide([0.9, None, None])`` changes layer 0 only."""
         cal = dict(self.calibration)
-        th = layer_thresholds(cal.get("thresholds") if thresholds is None else thresholds, self.model.num_layers)
+        own = layer_thresholds(cal.get("thresholds"), self.model.num_layers)
+        th = own if thresholds is None else layer_thresholds(thresholds, self.model.num_layers, keep=own)
         quantile = check_quantile(cal.get("quantile", 0.0) if quantile is None else quantile)
         dense_layers = check_dense_layers(cal.get("dense_layers", ()) if dense_layers is None else dense_layers,
                                           self.model.num_layers)
@@ -275,9 +323,38 @@ class Profile:
         }
 
     def save(self, path: str | os.PathLike) -> None:
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=1)
-            f.write("\n")
+        """Write the profile atomically: to a temporary file in the same directory, then ``os.replace``d onto
+        ``path``, so a reader (another process loading it) sees the old file or the new one, never a part. A
+        symlink is written through; an existing file keeps its permissions."""
+        text = json.dumps(self.to_dict(), indent=1) + "\n"
+        path = os.fspath(path)
+        target = os.path.realpath(path)
+        directory, name = os.path.split(target)
+        while True:
+            tmp = os.path.join(directory, f".{name}.{secrets.token_hex(6)}.tmp")
+            try:  # os.open's mode (0o666, less the umask) is what open(path, "w") would give a new file
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+                break
+            except FileExistsError:
+                continue
+            except OSError as e:  # name the file asked for, not the temporary one
+                raise type(e)(e.errno, e.strerror, path) from None
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+            except FileNotFoundError:
+                pass
+            os.replace(tmp, target)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
 
     @classmethod
     def from_dict(cls, d: Any, source: str = "profile") -> Profile:
@@ -289,6 +366,7 @@ class Profile:
         try:
             model = ModelInfo(**_model_fields(d.get("model")))
             categories = _file_categories(d.get("categories"))
+            cls(model, categories)  # the shape first: a wrong model.num_layers is named, not the recalls' length
             calibration = _calibration_settings(d.get("calibration"), model, version)
             scores = d.get("scores")
             if scores is not None:
@@ -312,6 +390,8 @@ class Profile:
             raise ProfileFormatError(f"{path}: corrupt profile, not text ({e})") from e
         except RecursionError:  # json's decoder recurses per nesting level
             raise ProfileFormatError(f"{path}: corrupt profile, JSON nested too deeply to read") from None
+        except ValueError as e:  # e.g. an integer of more digits than Python converts
+            raise ProfileFormatError(f"{path}: corrupt profile, not readable JSON ({e})") from e
         return cls.from_dict(d, source=str(path))
 
 
@@ -388,7 +468,9 @@ def _file_categories(categories) -> tuple[tuple[str, ...], ...]:
 
 def _calibration_settings(calibration, model: ModelInfo, version: int = 1) -> dict:
     """The ``calibration`` object; the settings :meth:`Profile.decide` reuses are checked now, not at a later
-    decide, and so are the version they need and the type of the ``tune`` record (``blindsight tune``)."""
+    decide, and so are the version they need, the records :meth:`Profile.summary` prints (``samples``,
+    ``source``, ``tool_version``, ``video_segments``) and the type of the ``tune`` record (``blindsight tune``).
+    Other keys are kept as they are and never read."""
     if calibration is None:
         calibration = {}
     if not isinstance(calibration, dict):
@@ -400,14 +482,27 @@ def _calibration_settings(calibration, model: ModelInfo, version: int = 1) -> di
                          "mapping per layer), but this file has one setting for all layers: write it as version 1")
     if "tune" in calibration and not isinstance(calibration["tune"], dict):
         raise ValueError(f"calibration.tune must be an object, got {show(calibration['tune'])}")
-    if not {"thresholds", "quantile", "dense_layers"} & calibration.keys():
-        return dict(calibration)  # hand-made: nothing to check
-    try:
-        layer_thresholds(calibration.get("thresholds"), model.num_layers)
-        check_quantile(calibration.get("quantile", 0.0))
-        check_dense_layers(calibration.get("dense_layers", ()), model.num_layers)
-    except ValueError as e:
-        raise ValueError(f"calibration: {e}") from None
+    for key in ("source", "tool_version"):
+        if key in calibration and not isinstance(calibration[key], str):
+            raise ValueError(f"calibration.{key} must be a string, got {show(calibration[key])}")
+    if "samples" in calibration:
+        _check_count(calibration["samples"], "calibration.samples")
+    if "video_segments" in calibration:
+        _check_video_report(calibration["video_segments"], "calibration.video_segments")
+    thresholds = calibration.get("thresholds")
+    if isinstance(thresholds, list):  # None in decide()'s argument keeps a layer's setting: a file has no other
+        for i, t in enumerate(thresholds):
+            if t is None:
+                raise ValueError(f"calibration.thresholds[{i}] must be a number or a mapping {{category: number}}, "
+                                 "got None")
+    for key, check in (("thresholds", lambda: layer_thresholds(thresholds, model.num_layers)),
+                       ("quantile", lambda: check_quantile(calibration.get("quantile", 0.0))),
+                       ("dense_layers", lambda: check_dense_layers(calibration.get("dense_layers", ()),
+                                                                   model.num_layers))):
+        try:
+            check()
+        except ValueError as e:
+            raise ValueError(f"calibration.{key}: {e}") from None
     return dict(calibration)
 
 
@@ -417,21 +512,68 @@ def check_scores(scores, num_layers: int, num_heads: int) -> None:
     swap categories), and ``prompts[i].recall`` of shape ``[num_layers][num_heads][3]`` with values in [0, 1]."""
     if not isinstance(scores, Mapping):
         raise ValueError(f"scores must be an object, got {type(scores).__name__}")
-    if scores.get("statistic") != "recall":
-        raise ValueError(f'scores.statistic must be "recall", got {scores.get("statistic")!r}')
+    statistic = scores.get("statistic")
+    if not isinstance(statistic, str) or statistic != "recall":
+        raise ValueError(f'scores.statistic must be "recall", got {show(statistic)}')
     expected = [c.json_name for c in SPARSE_CATEGORIES]
     if scores.get("categories") != expected:
         raise ValueError(f"scores.categories must be {expected} (the order of each stored recall triple), "
-                         f"got {scores.get('categories')!r}")
+                         f"got {show(scores.get('categories'))}")
     prompts = scores.get("prompts")
     if not isinstance(prompts, list):
         raise ValueError(f"scores.prompts must be a list, got {type(prompts).__name__}")
+    if not prompts:
+        raise ValueError('scores.prompts is empty (a profile without calibration statistics has "scores": null)')
     for i, prompt in enumerate(prompts):
+        where = f"scores.prompts[{i}]"
         if not isinstance(prompt, Mapping):
-            raise ValueError(f"scores.prompts[{i}] must be an object, got {type(prompt).__name__}")
+            raise ValueError(f"{where} must be an object, got {type(prompt).__name__}")
         if "recall" not in prompt:
-            raise ValueError(f"scores.prompts[{i}].recall is missing")
-        _check_recall(prompt["recall"], f"scores.prompts[{i}].recall", num_layers, num_heads)
+            raise ValueError(f"{where}.recall is missing")
+        _check_recall(prompt["recall"], f"{where}.recall", num_layers, num_heads)
+        for key, minimum in (("sample", 0), ("row", 0), ("image_rows", 1)):  # records, written by calibrate
+            if key in prompt:
+                _check_count(prompt[key], f"{where}.{key}", minimum)
+        if "video_segments" in prompt:  # the recall under the other choice of video segments
+            other = prompt["video_segments"]
+            if not isinstance(other, Mapping):
+                raise ValueError(f"{where}.video_segments must be an object {{choice: recall}}, got {show(other)}")
+            for choice, recall in other.items():
+                if choice not in VIDEO_SEGMENTS:
+                    raise ValueError(f"{where}.video_segments.{choice} is not one of {list(VIDEO_SEGMENTS)}")
+                _check_recall(recall, f"{where}.video_segments.{choice}", num_layers, num_heads)
+
+
+def _check_count(v, where: str, minimum: int = 0) -> None:
+    if not is_int_in(v, minimum, MAX_COUNT):
+        raise ValueError(f"{where} must be an int in [{minimum}, {MAX_COUNT}], got {show(v)}")
+
+
+def _check_recall_value(v, where: str) -> None:
+    if not is_number(v) or not -RECALL_SLACK <= v <= 1 + RECALL_SLACK:  # NaN fails too
+        raise ValueError(f"{where} must be a recall in [0, 1], got {show(v)}")
+
+
+def _check_video_report(report, where: str) -> None:
+    """``calibration.video_segments``: ``{"prompts": n, "video": {category: mean recall}, "frame": {...}}``."""
+    names = [c.json_name for c in SPARSE_CATEGORIES]
+    fields_ = ["prompts", *VIDEO_SEGMENTS]
+    if not isinstance(report, dict):
+        raise ValueError(f"{where} must be an object with {fields_}, got {show(report)}")
+    for key in report:
+        if key not in fields_:
+            raise ValueError(f"{where}.{key} is not a field of the video report (fields: {fields_})")
+    for key in fields_:
+        if key not in report:
+            raise ValueError(f"{where}.{key} is missing")
+    _check_count(report["prompts"], f"{where}.prompts", 1)
+    for choice in VIDEO_SEGMENTS:
+        means = report[choice]
+        if not isinstance(means, dict) or sorted(means) != sorted(names):
+            raise ValueError(f"{where}.{choice} must be an object {{{', '.join(names)}: mean recall}}, got "
+                             f"{show(means)}")
+        for c in names:
+            _check_recall_value(means[c], f"{where}.{choice}.{c}")
 
 
 def _check_list(value, length: int, where: str, what: str) -> None:
@@ -449,5 +591,4 @@ def _check_recall(recall, where: str, num_layers: int, num_heads: int) -> None:
         for h, head in enumerate(layer):
             _check_list(head, len(names), f"{where}[{i}][{h}]", f"recalls {names}")
             for c, v in enumerate(head):
-                if not is_number(v) or not -RECALL_SLACK <= v <= 1 + RECALL_SLACK:  # NaN fails too
-                    raise ValueError(f"{where}[{i}][{h}][{c}] must be a recall in [0, 1], got {v!r}")
+                _check_recall_value(v, f"{where}[{i}][{h}][{c}]")

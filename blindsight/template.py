@@ -228,7 +228,7 @@ def _frame_starts(ids, real, template: Template, root, framed, video_grid_thw) -
     videos = [(b, r) for b in range(ids.shape[0]) for r in root[b][is_video[b]].unique_consecutive().tolist()]
     if not videos:
         return out
-    grid = None if video_grid_thw is None else torch.as_tensor(video_grid_thw).reshape(-1, 3).cpu()
+    grid = None if video_grid_thw is None else _video_grid(video_grid_thw)
     if grid is None or grid.shape[0] < len(videos):
         b, r = videos[0 if grid is None else grid.shape[0]]
         pos = int(((root[b] == r) & is_video[b]).nonzero()[0])
@@ -244,6 +244,21 @@ def _frame_starts(ids, real, template: Template, root, framed, video_grid_thw) -
         per = where.numel() // t
         out[b, where[per::per]] = True
     return out
+
+
+def _video_grid(video_grid_thw) -> torch.Tensor:
+    """The prompt's ``video_grid_thw`` as int64 ``[videos, 3]`` rows ``(t, h, w)``; LayoutError for anything else
+    (a float grid would cut a video at fractional positions)."""
+    try:
+        grid = torch.as_tensor(video_grid_thw)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise LayoutError(f"video_grid_thw must be integer rows (t, h, w), got {type(video_grid_thw).__name__} "
+                          f"({e})") from None
+    if grid.dtype.is_floating_point or grid.dtype.is_complex or grid.dtype == torch.bool:
+        raise LayoutError(f"video_grid_thw must hold integers (t, h, w), got dtype {grid.dtype}")
+    if grid.numel() % 3:
+        raise LayoutError(f"video_grid_thw must be rows (t, h, w), got shape {tuple(grid.shape)}")
+    return grid.reshape(-1, 3).cpu().long()
 
 
 def _delimiters(ids, real, template: Template) -> tuple[torch.Tensor, torch.Tensor]:

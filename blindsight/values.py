@@ -9,12 +9,17 @@ from __future__ import annotations
 import numbers
 import operator
 
-__all__ = ["is_int", "is_number", "as_integer", "show"]
+__all__ = ["is_int", "is_int_in", "is_number", "as_integer", "show"]
 
 
 def is_int(v) -> bool:
     """An integer in the JSON sense: ``True == 1`` in Python, but a bool in a size or version field is a mistake."""
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_int_in(v, low: int, high: int) -> bool:
+    """An integer (not a bool) with ``low <= v <= high``: a size, an id or a count within what a model can have."""
+    return is_int(v) and low <= v <= high
 
 
 def is_number(v) -> bool:

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import Qwen2VLConfig
@@ -110,7 +111,7 @@ def set_recall(d, value):
     (lambda d: d["model"].update(model_type=7), r"model\.model_type must be a string"),
     (lambda d: d["model"].update(heads=4), r"model\.heads is not a model field"),
     (lambda d: d.update(calibration=[["quantile", 0.5]]), r"calibration must be an object"),
-    (lambda d: d["calibration"].update(quantile=True), r"calibration: quantile must be a number"),
+    (lambda d: d["calibration"].update(quantile=True), r"calibration\.quantile: quantile must be a number"),
     (lambda d: set_recall(d, 1.5), r"scores\.prompts\[1\]\.recall\[2\]\[3\]\[1\] must be a recall in \[0, 1\], got 1\.5"
      ),
     (lambda d: set_recall(d, float("nan")), r"scores\.prompts\[1\]\.recall\[2\]\[3\]\[1\] must be a recall .*nan"),
@@ -185,3 +186,161 @@ def test_model_info_is_strict():
         ModelInfo(None, num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16)
     with pytest.raises(ValueError, match="ModelInfo.template must be an object"):
         ModelInfo("qwen2_vl", 3, 4, 2, 16, template="qwen")
+
+
+# ---- bounds: a profile that loads cannot make a forward overflow or allocate without end (issue "Long-running
+# servers"); every field is checked, and the error names it ----------------------------------------------------------
+
+def video_report():
+    means = {"intra_sink": 0.98, "intra": 0.97, "sink": 0.5}
+    return {"prompts": 1, "video": means, "frame": dict(means, intra=0.88)}
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda d: d["model"]["template"].update(sinks_per_image=10 ** 30),
+     r"model\.template\.sinks_per_image must be an int in \[1, 65536\], got 10+"),
+    (lambda d: d["model"]["template"].update(sinks_per_image=2 ** 16 + 1), r"model\.template\.sinks_per_image"),
+    (lambda d: d["model"].update(num_layers=10 ** 30), r"model\.num_layers is 10+, more than any model has"),
+    (lambda d: d["model"].update(num_heads=2 ** 17, num_kv_heads=2), r"model\.num_heads is 131072"),
+    (lambda d: d["model"].update(head_dim=10 ** 30), r"model\.head_dim is 10+"),
+    (lambda d: d["model"].update(num_layers=5), r"categories for 3 layers but its model has 5.*model\.num_layers"),
+    (lambda d: d["model"].update(num_heads=2), r"layer 0 has 4 heads.*model\.num_heads"),
+    (lambda d: d["model"]["template"].update(image_token_ids=[250, 2 ** 31]),
+     r"model\.template\.image_token_ids\[1\] must be a token id \(an int in \[0, 2147483647\]\)"),
+    (lambda d: d["model"]["template"].update(image_token_ids=[250, 252]),
+     r"model\.template: token id 252 is in both image_open_ids and image_token_ids"),
+    (lambda d: d["model"]["template"].update(video_segments="frame"),
+     r'model\.template\.video_segments "frame" needs video_token_ids'),
+    (lambda d: d["model"]["template"].update(video_segments=["frame"]), r"model\.template\.video_segments must be"),
+    (lambda d: d["calibration"].update(video_segments={"video": 1}),
+     r"calibration\.video_segments\.prompts is missing"),
+    (lambda d: d["calibration"]["video_segments"].update(video=1), r"calibration\.video_segments\.video must be an"),
+    (lambda d: d["calibration"].update(video_segments=dict(video_report(), prompts=0)),
+     r"calibration\.video_segments\.prompts must be an int in \[1, "),
+    (lambda d: d["calibration"]["video_segments"]["frame"].update(sink=float("nan")),
+     r"calibration\.video_segments\.frame\.sink must be a recall in \[0, 1\], got nan"),
+    (lambda d: d["calibration"].update(samples=-1), r"calibration\.samples must be an int in \[0, "),
+    (lambda d: d["calibration"].update(samples=True), r"calibration\.samples must be an int"),
+    (lambda d: d["calibration"].update(source=5), r"calibration\.source must be a string"),
+    (lambda d: d["calibration"].update(thresholds=10 ** 400),
+     r"calibration\.thresholds: threshold of intra_sink must be in"),
+    (lambda d: d["calibration"].update(thresholds=float("inf")),
+     r"calibration\.thresholds: threshold of intra_sink .*inf"),
+    (lambda d: d["calibration"].update(thresholds={"sink": 0.9, "SINK": 0.8}), r"thresholds: sink is given twice"),
+    (lambda d: d["calibration"].update(quantile=float("nan")),
+     r"calibration\.quantile: quantile must be in \[0, 1\], got nan"),
+    (lambda d: d.update(version=2) or d["calibration"].update(thresholds=[0.9, None, 0.9]),
+     r"calibration\.thresholds\[1\] must be a number or a mapping"),
+    (lambda d: d["scores"].update(prompts=[]), r"scores\.prompts is empty"),
+    (lambda d: d["scores"]["prompts"][1].update(sample=-1), r"scores\.prompts\[1\]\.sample must be an int in \[0, "),
+    (lambda d: d["scores"]["prompts"][0].update(row=1.5), r"scores\.prompts\[0\]\.row must be an int"),
+    (lambda d: d["scores"]["prompts"][0].update(image_rows=0), r"scores\.prompts\[0\]\.image_rows must be an int in"),
+    (lambda d: d["scores"]["prompts"][0].update(video_segments={"frame": [[[0.5] * 3] * 4] * 2}),
+     r"scores\.prompts\[0\]\.video_segments\.frame must be a list of 3 layers"),
+    (lambda d: d["scores"]["prompts"][0].update(video_segments={"frames": [[[0.5] * 3] * 4] * 3}),
+     r"scores\.prompts\[0\]\.video_segments\.frames is not one of"),
+    (lambda d: d["scores"].update(statistic=["recall"]), r"scores\.statistic must be \"recall\""),
+])
+def test_every_field_is_bounded_and_named(tmp_path, mutate, message):
+    """A number no model can have, an unchecked record: refused on loading as a ProfileFormatError naming the
+    field (it used to load and make every forward raise OverflowError, or raise OverflowError or AttributeError
+    itself)."""
+    d = scored_dict()
+    d["calibration"]["video_segments"] = video_report()
+    mutate(d)
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    with pytest.raises(ProfileFormatError, match=message):
+        Profile.load(path)
+
+
+def test_a_profile_at_the_bounds_is_usable(tmp_path):
+    """The largest sinks_per_image and token id load, and a layout is built with them; the video report prints."""
+    from blindsight import Layout
+
+    d = scored_dict()
+    top = 2 ** 31 - 1
+    d["model"]["template"] = {"image_open_ids": [top - 2], "image_close_ids": [top - 1], "image_token_ids": [top],
+                              "sinks_per_image": 2 ** 16}
+    d["calibration"].update(video_segments=video_report(), samples=2, source="test")
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    p = Profile.load(path)
+    layout = Layout.from_input_ids(torch.tensor([[5, top - 2, top, top, top - 1, 5]]), p.template)
+    assert layout.image[0].tolist() == [-1, 0, 0, 0, 0, -1]
+    assert layout.sink[0].tolist() == [False] + [True] * 4 + [False]
+    assert "video prompts (1), mean recall: video: intra_sink 0.980" in p.summary()
+
+
+def test_an_integer_too_long_to_convert_is_a_format_error(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(scored_dict()).replace('"quantile": 0.0', '"quantile": ' + "9" * 5000))
+    with pytest.raises(ProfileFormatError, match="corrupt profile"):
+        Profile.load(path)
+
+
+# ---- decide: None in a per-layer list keeps that layer's own thresholds ---------------------------------------------
+
+def test_decide_none_keeps_the_layers_own_thresholds():
+    """Recalls per head: intra_sink 0.99, intra 0.9, sink 0.5. At threshold 0.5 every head is SINK; at 0.95 only
+    INTRA_SINK passes. ``decide([0.95, None, None])`` changes layer 0 only: layers 1 and 2 keep 0.5 (they used to
+    get the default 0.95)."""
+    at_half = scored_profile().decide(thresholds=0.5)
+    assert at_half.categories == ((Category.SINK,) * 4,) * 3
+    p = at_half.decide(thresholds=[0.95, None, None])
+    assert p.categories == ((Category.INTRA_SINK,) * 4, (Category.SINK,) * 4, (Category.SINK,) * 4)
+    half = {"intra_sink": 0.5, "intra": 0.5, "sink": 0.5}
+    assert p.calibration["thresholds"] == [{"intra_sink": 0.95, "intra": 0.95, "sink": 0.95}, half, half]
+    # per-layer thresholds of its own: None keeps each layer's, a number replaces one layer's
+    q = p.decide(thresholds=[None, 0.95, None])
+    assert q.categories == ((Category.INTRA_SINK,) * 4,) * 2 + ((Category.SINK,) * 4,)
+    assert p.decide(thresholds=[None] * 3).calibration["thresholds"] == p.calibration["thresholds"]
+
+
+# ---- save is atomic: a reader never sees a part of the file ---------------------------------------------------------
+
+def test_a_reader_during_saves_sees_a_whole_profile(tmp_path):
+    import threading
+    import time
+
+    big = ModelInfo("qwen2_vl", num_layers=64, num_heads=32, num_kv_heads=8, head_dim=64, template=TEMPLATE)
+    profiles = [Profile.uniform("dense", big), Profile.uniform("sink", big)]
+    path = tmp_path / "p.json"
+    profiles[0].save(path)
+    stop, errors, reads = threading.Event(), [], [0]
+
+    def reader():
+        while not stop.is_set():
+            try:
+                assert Profile.load(path).categories in (profiles[0].categories, profiles[1].categories)
+                reads[0] += 1
+            except Exception as e:  # noqa: BLE001 - any failure is the test's finding
+                errors.append(e)
+                return
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    deadline, saves = time.monotonic() + 1.5, 0
+    while time.monotonic() < deadline and not errors:
+        profiles[saves % 2].save(path)
+        saves += 1
+    stop.set()
+    thread.join()
+    assert not errors, f"after {saves} saves and {reads[0]} reads: {errors[0]!r}"
+    assert reads[0] > 0 and saves > 10
+    assert [f.name for f in tmp_path.iterdir()] == ["p.json"]  # no temporary file left behind
+
+
+def test_save_keeps_permissions_and_writes_through_a_symlink(tmp_path):
+    import os
+    import stat
+
+    path, link = tmp_path / "p.json", tmp_path / "link.json"
+    Profile.uniform("dense", INFO).save(path)
+    os.chmod(path, 0o640)
+    link.symlink_to(path)
+    Profile.uniform("sink", INFO).save(link)
+    assert link.is_symlink() and Profile.load(path).categories == Profile.uniform("sink", INFO).categories
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+    with pytest.raises(FileNotFoundError, match="no-such-dir"):
+        Profile.uniform("sink", INFO).save(tmp_path / "no-such-dir" / "p.json")

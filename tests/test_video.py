@@ -110,6 +110,10 @@ def test_video_layout_matches_a_token_by_token_scan(row, choice, sinks):
     ([OPEN, VID, VID, CLOSE], None, "need the prompt's video_grid_thw"),
     ([OPEN, VID, OPEN, VID, CLOSE, CLOSE], [[1, 2, 2]], "outside the frame pairs"),
     ([OPEN, OPEN, IMG, CLOSE, CLOSE], [[1, 2, 2]], "inside a frame pair"),
+    ([OPEN, VID, VID, CLOSE], [[2.0, 1, 1]], "video_grid_thw must hold integers"),  # was a TypeError (slicing)
+    ([OPEN, VID, VID, CLOSE], torch.tensor([[2.0, 1.0, 1.0]]), "video_grid_thw must hold integers"),
+    ([OPEN, VID, VID, CLOSE], [[2, 1]], r"video_grid_thw must be rows \(t, h, w\)"),
+    ([OPEN, VID, VID, CLOSE], [["2", 1, 1]], "video_grid_thw must be integer rows"),
 ])
 def test_malformed_videos_are_refused(ids, grid, what):
     template = dataclasses.replace(FLAT, video_segments="frame")

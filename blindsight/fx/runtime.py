@@ -28,10 +28,11 @@ import sys
 
 import torch
 
-from ..hf import is_tower, one_layer_attention, text_config_key
+from ..cache import BoundedCache
+from ..hf import UnsupportedAttentionError, is_tower, one_layer_attention, text_config_key
 from ..layout import prompt_layout
 from ..lowering import calls_use, never_pays
-from ..profile import ModelInfo, Profile, check_template
+from ..profile import ModelInfo, Profile, ProfileMismatchError, check_template
 from ..stats import count, record_fallback
 from .options import BackendOptions
 from .rewrite import rewrite_sites
@@ -39,6 +40,9 @@ from .sites import check_layer, find_sites, node_value
 from .uncompiled import install, watch
 
 __all__ = ["blindsight_backend", "BlindSightBackend", "GraphRunner"]
+
+# (lowering, the graph's call shapes, batch size, length) -> too short for any call to beat dense?
+_SHORT = BoundedCache("fx.short_prompts", max_entries=4096)
 
 def _placeholder_index(gm: torch.fx.GraphModule, word: str) -> int | None:
     """Index of the 2-D integer placeholder whose name contains ``word`` (Dynamo names them after the source)."""
@@ -98,7 +102,7 @@ class GraphRunner:
         for reason, n in self.scan.skipped.items():
             count(f"sites_skipped.{reason}", n)
         self.lowering = None
-        self.dense, self.shapes, self.bs_at, self._short = None, (), None, {}
+        self.dense, self.shapes, self.bs_at = None, (), None
         original = None
         if self.scan.sites:
             q = node_value(self.scan.sites[0].node.args[0])
@@ -125,14 +129,10 @@ class GraphRunner:
     def _too_short(self, args) -> bool:
         """Would no attention call of this forward beat dense, whatever the layout? (Memoized per (B, S).)"""
         x = args[self.bs_at]
-        key = (int(x.shape[0]), int(x.shape[1]))
-        short = self._short.get(key)
-        if short is None:
-            short = all(never_pays(self.lowering, device, dtype, key[0], key[1], H, kv, D, heads)
-                        for heads, H, kv, D, dtype, device in self.shapes)
-            if len(self._short) < 4096:
-                self._short[key] = short
-        return short
+        B, S = int(x.shape[0]), int(x.shape[1])
+        return _SHORT.get_or_build((self.lowering, self.shapes, B, S), lambda: all(
+            never_pays(self.lowering, device, dtype, B, S, H, kv, D, heads)
+            for heads, H, kv, D, dtype, device in self.shapes))
 
     def __call__(self, *args):
         for reason, n in self.scan.static_fallback.items():
@@ -203,17 +203,22 @@ class BlindSightBackend:
         self.template = options.template if options.template is not None else profile.template
         self._checked: set = set()
         install()  # before Dynamo traces anything: installing it later would fail the guards on transformers' registry
-        limit = options.recompile_limit
-        if limit is not None and torch._dynamo.config.recompile_limit < limit:
-            torch._dynamo.config.recompile_limit = limit
+        if options.recompile_limit is not None:
+            raise_recompile_limit(options.recompile_limit)
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs):
         count("graphs_compiled")
         root = _compiled_module()
         watch(root)
         one_layer = one_layer_attention(root)
-        return GraphRunner(gm, example_inputs, self, type(root) if one_layer is not None else None,
-                           one_layer[1] if one_layer is not None else None, tower=is_tower(root))
+        try:
+            return GraphRunner(gm, example_inputs, self, type(root) if one_layer is not None else None,
+                               one_layer[1] if one_layer is not None else None, tower=is_tower(root))
+        except (ProfileMismatchError, UnsupportedAttentionError) as e:
+            if torch._dynamo.config.suppress_errors:
+                raise  # the user asked Dynamo to run what fails to compile eagerly (counted ``uncompiled``)
+            count("graphs_refused")
+            return Refused(e)
 
     def check_model(self, vlm_only: bool = False) -> None:
         """Full profile check against the config of the module being compiled (once per config); ``vlm_only``:
@@ -232,6 +237,30 @@ class BlindSightBackend:
         if self.template is not None:
             check_template(self.template, config, self.options.template is not None)
         self._checked.add(id(config))
+
+
+class Refused:
+    """What Dynamo gets for a graph BlindSight refuses (a profile that does not fit the model, attention that does
+    not call SDPA): every call raises that error itself. Raised inside the backend, Dynamo would wrap it in
+    ``BackendCompilerFailed``; raised at the call, ``except blindsight.ProfileMismatchError`` catches it."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def __call__(self, *args):
+        raise type(self.error)(*self.error.args)  # a new one each call: re-raising one object grows its traceback
+
+
+def raise_recompile_limit(limit: int) -> None:
+    """Dynamo's per-code-object recompile limit to at least ``limit`` in every thread. torch keeps a config value
+    set by assignment per thread (a ContextVar), so a model compiled from a server's worker thread would run
+    against Dynamo's default (8); the limit's default is raised instead, and the calling thread's value too.
+    A thread that set its own limit keeps it."""
+    entry = getattr(torch._dynamo.config, "_config", {}).get("recompile_limit")
+    if entry is not None and isinstance(getattr(entry, "default", None), int) and entry.default < limit:
+        entry.default = limit
+    if torch._dynamo.config.recompile_limit < limit:
+        torch._dynamo.config.recompile_limit = limit
 
 
 def blindsight_backend(profile: Profile, options: BackendOptions | None = None, **overrides) -> BlindSightBackend:

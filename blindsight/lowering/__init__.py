@@ -13,14 +13,13 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import threading
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..cache import BoundedCache
 from ..categories import Category
 from ..layout import Layout
 from ..stats import count, record_fallback
@@ -125,6 +124,20 @@ def dense_attention(q, k, v, attn_mask, scale, is_causal, dropout_p: float = 0.0
                                           scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
+def mask_4d(attn_mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """A mask broadcastable to ``[B, H, L, S]`` (2-D ``[L, S]``, 3-D ``[H|1, L, S]``, key padding ``[B, 1, 1, S]``,
+    ...) as the ``[B|1, H|1, L, S]`` view every lowering reads (no copy). Raises as SDPA does for a mask that
+    does not broadcast."""
+    B, H, L, S = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+    if attn_mask.dim() > 4:
+        raise RuntimeError(f"attn_mask of {attn_mask.dim()} dimensions: SDPA takes at most 4")
+    m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 4 else attn_mask
+    for size, want in zip(m.shape, (B, H, L, S)):
+        if size not in (1, want):
+            raise RuntimeError(f"attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to {(B, H, L, S)}")
+    return m.expand(m.shape[0], m.shape[1], L, S)
+
+
 def why_dense(q, k, v, layout: Layout | None, reason: str | None) -> str | None:
     """Why this call cannot be sparse, or None. Decode comes first: it is exactly dense by definition."""
     if q.shape[2] == 1:
@@ -151,27 +164,22 @@ def predicted_work(q, k, attn_mask, layout: Layout, heads, is_causal: bool, lowe
     return LOWERINGS[name].work(q, k, attn_mask, layout, [int(Category(h)) for h in heads], is_causal, block_size)
 
 
-# layout -> {call shape and heads: does sparse pay?}: every layer of a forward (and every forward of a prompt
+# (layout, call shape and heads) -> does sparse pay?: every layer of a forward (and every forward of a prompt
 # whose layout is memoized) asks again with the same layout
-_DECIDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_DECIDED_LOCK = threading.Lock()
+_DECIDED = BoundedCache("lowering.decisions", max_entries=4096)
 
 
 def _pays(name: str, q, k, attn_mask, layout: Layout, heads: list[int], is_causal: bool, block_size: int) -> bool:
     """The cost model's decision for this call, once per (layout, lowering, heads, shapes, dtype, mask kind, rates)."""
     impl = LOWERINGS[name]
     rates = impl.rates(q.device, q.dtype, q.shape[-1])
-    key = (name, tuple(heads), tuple(q.shape), k.shape[1], q.dtype, q.device, is_causal, block_size,
+    key = (layout.key, name, tuple(heads), tuple(q.shape), k.shape[1], q.dtype, q.device, is_causal, block_size,
            None if attn_mask is None else (attn_mask.dtype, tuple(attn_mask.shape)), rates)
-    with _DECIDED_LOCK:
-        decided = _DECIDED.setdefault(layout, {})
-        if key in decided:
-            return decided[key]
-    sparse, dense = impl.work(q, k, attn_mask, layout, heads, is_causal, block_size, rates)
-    pays = sparse_pays(sparse, dense, rates)
-    with _DECIDED_LOCK:
-        decided[key] = pays
-    return pays
+
+    def decide():
+        sparse, dense = impl.work(q, k, attn_mask, layout, heads, is_causal, block_size, rates)
+        return sparse_pays(sparse, dense, rates)
+    return _DECIDED.get_or_build(key, decide)
 
 
 def never_pays(lowering: str, device: torch.device, dtype: torch.dtype, B: int, S: int, H: int, kv_heads: int,
@@ -199,6 +207,8 @@ def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=Non
     why = why_dense(q, k, v, layout, reason)
     name = resolve_lowering(lowering, q.device)
     heads = [int(Category(h)) for h in heads]
+    if why is None and attn_mask is not None:
+        attn_mask = mask_4d(attn_mask, q, k)
     if why is None and only_if_faster and not _pays(name, q, k, attn_mask, layout, heads, is_causal, block_size):
         why = "not_faster"
     if why is not None:

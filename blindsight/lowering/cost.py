@@ -17,11 +17,12 @@ milliseconds on CPU); nothing is a constant tuned on one machine. A call predict
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
+
+from ..cache import BoundedCache
 
 __all__ = ["Work", "KernelRates", "kernel_rates", "predicted_seconds", "sparse_pays", "clear_rates", "best_seconds"]
 
@@ -52,14 +53,13 @@ def predicted_seconds(work: Work, rates: KernelRates) -> float:
     return work.dense_pairs * rates.dense_pair_s + work.small_pairs * rates.small_pair_s + work.calls * rates.call_s
 
 
-_RATES: dict = {}
-_LOCK = threading.Lock()
+# (lowering, device type, dtype, head size, threads) -> KernelRates: a handful per process
+_RATES = BoundedCache("lowering.rates", max_entries=64)
 
 
 def clear_rates() -> None:
     """Forget the measured rates (they are measured again at the next call that needs them)."""
-    with _LOCK:
-        _RATES.clear()
+    _RATES.clear()
 
 
 def best_seconds(fn, device: torch.device, repeat: int = 7, warmup: int = 2) -> float:
@@ -85,15 +85,11 @@ def kernel_rates(lowering: str, device: torch.device, dtype: torch.dtype, head_d
     """This machine's rates for (lowering, device, dtype, head size): ``measure(dtype, head_dim)`` at the first
     use, then remembered."""
     key = (lowering, device.type, dtype, head_dim, torch.get_num_threads())
-    with _LOCK:
-        hit = _RATES.get(key)
-    if hit is not None:
-        return hit
-    with torch.no_grad():
-        rates = measure(dtype, head_dim)
-    with _LOCK:
-        _RATES.setdefault(key, rates)
-        return _RATES[key]
+
+    def build():
+        with torch.no_grad():
+            return measure(dtype, head_dim)
+    return _RATES.get_or_build(key, build)
 
 
 def sparse_pays(sparse: Work, dense: Work, rates: KernelRates) -> bool:

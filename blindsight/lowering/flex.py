@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+from ..cache import BoundedCache
 from ..categories import Category
 from ..layout import Layout
 from ..masks import BaseMask, build_block_mask
@@ -25,14 +26,12 @@ from .segments import is_causal_mask
 
 __all__ = ["flex_sparse_attention", "flex_work", "measure_flex_rates"]
 
-_KERNELS: dict = {}
+_KERNELS = BoundedCache("lowering.flex_kernels", max_entries=2)  # dynamic or not: the compiled flex_attention
 
 
 def _kernel(device: torch.device):
     dynamic = device.type != "cpu"
-    if dynamic not in _KERNELS:
-        _KERNELS[dynamic] = torch.compile(flex_attention, dynamic=dynamic)
-    return _KERNELS[dynamic]
+    return _KERNELS.get_or_build(dynamic, lambda: torch.compile(flex_attention, dynamic=dynamic))
 
 
 def _base(attn_mask, is_causal: bool) -> BaseMask:

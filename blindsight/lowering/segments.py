@@ -17,13 +17,13 @@ at run time with the real layout: data-dependent segment sizes need no tracing a
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
+from ..cache import BoundedCache, tensor_digest
 from ..categories import Category
 from ..layout import image_segments
 from .cost import KernelRates, Work, best_seconds, predicted_seconds
@@ -66,9 +66,14 @@ def _flash(q, k, v, causal: bool, scale: float, mask=None):
     return out, lse
 
 
-@functools.lru_cache(maxsize=1)  # S x S bytes: one, the length of the forward being run
-def _lower_triangle(S: int, device: str) -> torch.Tensor:
-    return torch.ones(S, S, dtype=torch.bool, device=device).tril()
+# S x S bytes each: the causal mask of the length being run, compared with the masks transformers materializes
+_CAUSAL = BoundedCache("lowering.causal_masks", max_entries=1, max_bytes=256 << 20)
+_CAUSAL_BLOCK = 1024  # rows per comparison when the S x S causal mask is over the cache's bound
+_BYTE_ONES = int.from_bytes(b"\x01" * 8, "little")  # 8 True bools as one int64 word
+
+
+def _lower_triangle(S: int, device) -> torch.Tensor:
+    return _CAUSAL.get_or_build((S, str(device)), lambda: torch.ones(S, S, dtype=torch.bool, device=device).tril())
 
 
 def _equal_bool(m: torch.Tensor, contiguous: torch.Tensor) -> bool:
@@ -79,12 +84,41 @@ def _equal_bool(m: torch.Tensor, contiguous: torch.Tensor) -> bool:
     return torch.equal(m, contiguous)
 
 
+def _is_causal_blocked(m: torch.Tensor) -> bool:
+    """Is ``m [S, S]`` causal, compared in blocks of rows (memory O(block x S), not S x S): the keys before a block
+    all kept, its diagonal block lower triangular, the keys after it all dropped."""
+    S, R = m.shape[-1], _CAUSAL_BLOCK
+    tri = _lower_triangle(R, m.device)
+    words = m.is_contiguous() and S % 8 == 0 and m.storage_offset() % 8 == 0
+    w = m.view(torch.int64) if words else m
+    unit = 8 if words else 1
+    ones = torch.full((), _BYTE_ONES if words else True, dtype=w.dtype, device=m.device)
+    zero = torch.zeros((), dtype=w.dtype, device=m.device)
+    tri = tri.view(torch.int64) if words else tri
+    for r0 in range(0, S, R):
+        r1 = min(S, r0 + R)
+        a, c = r0 // unit, r1 // unit
+        blk = w[r0:r1]
+        if a and not torch.equal(blk[:, :a], ones.expand(r1 - r0, a)):
+            return False
+        if c < w.shape[-1] and not torch.equal(blk[:, c:], zero.expand(r1 - r0, w.shape[-1] - c)):
+            return False
+        if not torch.equal(blk[:, a:c], tri[:r1 - r0, :c - a]):
+            return False
+    return True
+
+
 def is_plain_causal(mask: torch.Tensor, b: int) -> bool:
-    """Is row b of a bool mask exactly the causal mask (for every head)? One S x S comparison per call."""
-    if mask.dtype != torch.bool or mask.shape[-1] != mask.shape[-2]:
+    """Is row b of a bool mask exactly the causal mask (for every head)? One S x S comparison per call, against
+    a cached causal mask up to the cache's bound (16K tokens by default), in blocks of rows beyond it."""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
         return False
     m = mask[b if mask.shape[0] > 1 else 0]
-    tril = _lower_triangle(mask.shape[-1], str(mask.device))
+    S = mask.shape[-1]
+    limit = _CAUSAL.max_bytes
+    if limit is not None and S * S > limit or _CAUSAL.max_entries == 0:
+        return all(_is_causal_blocked(m[h]) for h in range(m.shape[0]))
+    tril = _lower_triangle(S, mask.device)
     return all(_equal_bool(m[h], tril) for h in range(m.shape[0]))
 
 
@@ -172,36 +206,71 @@ def _flash_cost(heads: int):
     return cost
 
 
-@dataclass
-class _TextPlan:
-    rows: torch.Tensor  # text positions
-    chunks: list  # (row lo, row hi, keys every row keeps, number of keys, float mask [rows, keys - kept] or None)
+@dataclass(frozen=True)
+class _TextChunk:
+    """Text rows ``[r0, r1)`` (indices into the text positions) over keys ``[split, nk)``, masked where a row keeps
+    fewer; ``split`` > 0: the keys before it, which every row keeps, run unmasked in a call of their own."""
+
+    r0: int
+    r1: int
+    split: int
+    nk: int
+    masked: bool
 
 
-@dataclass
+@dataclass(frozen=True)
+class _Chunk:
+    """Segments ``[lo, hi)`` of a run in one batched call per part, over the first ``nk`` keys of their category's
+    key list (segment i keeps ``prefix[i]`` of them) and their own keys; ``calls``: (row lo, row hi, keys)."""
+
+    lo: int
+    hi: int
+    nk: int
+    prefix: tuple[int, ...]
+    calls: tuple[tuple[int, int, int], ...]
+
+
+@dataclass(frozen=True)
 class _SegmentRun:
     L: int  # segment length
     sinks: int  # own sinks per segment (its first tokens)
-    starts: list  # segment start positions
-    chunks: dict  # category -> [[segment lo, segment hi, key positions [m, K], [(row lo, row hi, keys)], mask]]
+    starts: tuple[int, ...]  # segment start positions
+    chunks: dict  # category -> tuple[_Chunk, ...]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Plan:
-    text_rows: torch.Tensor
-    text: dict  # number of heads per call -> _TextPlan (the best chunks depend on it)
+    """What the fast path does for one batch row's layout: integers and O(S) key lists, no masks, so the cost
+    model can read it for a call it then runs dense; what a sparse run adds is :class:`_RunTensors`."""
+
+    text_rows: torch.Tensor  # text positions
     keys: dict  # category -> sorted key positions outside images that it keeps (text, or text + sinks)
-    runs: list  # _SegmentRun
-    dtype: torch.dtype  # of the float masks
-
-    def text_plan(self, heads: int) -> _TextPlan:
-        """The text rows' chunks for calls of ``heads`` heads (built once per head count)."""
-        if heads not in self.text:
-            self.text[heads] = _text_plan(self.text_rows, self.dtype, heads)
-        return self.text[heads]
+    runs: tuple[_SegmentRun, ...]
+    key: tuple | None  # its cache key (None: built uncached)
 
 
-def _text_plan(text: torch.Tensor, dtype, heads: int) -> _TextPlan:
+@dataclass(frozen=True)
+class _RunTensors:
+    """The gather positions and float masks of a plan's segment chunks, keyed (run, category, chunk); masks are
+    left out beyond ``_MASK_BUDGET`` (then built per call)."""
+
+    index: dict
+    masks: dict
+
+
+# Plans, their text chunks and their run tensors, per layout: one layout serves every layer of a forward.
+# Bounded (a server sees a new layout at every request): see blindsight.cache.
+_PLANS = BoundedCache("lowering.segment_plans", max_entries=256, max_bytes=512 << 20)
+
+
+def _text_chunks(plan: _Plan, heads: int) -> tuple[_TextChunk, ...]:
+    """The text rows' chunks for calls of ``heads`` heads (the best chunks depend on it)."""
+    if plan.key is None:
+        return _build_text_chunks(plan.text_rows, heads)
+    return _PLANS.get_or_build(("text", plan.key, heads), lambda: _build_text_chunks(plan.text_rows, heads))
+
+
+def _build_text_chunks(text: torch.Tensor, heads: int) -> tuple[_TextChunk, ...]:
     # a text run's rows differ by a few keys: steps of whole runs, the run's own triangle masked
     breaks = [0] + (((text[1:] - text[:-1]) != 1).nonzero().flatten() + 1).tolist() + [text.numel()]
     counts = [b - a for a, b in zip(breaks, breaks[1:])]
@@ -209,98 +278,121 @@ def _text_plan(text: torch.Tensor, dtype, heads: int) -> _TextPlan:
     chunks = []
     for lo, hi in _chunks(counts, n, _flash_cost(heads)):
         r0, r1, nk = breaks[lo], breaks[hi], n[hi - 1]
+        first = int(text[r0])  # rows are sorted: the first keeps the fewest keys, [0, first]
+        masked = first < nk - 1
         # every row keeps the keys before the chunk's first row: those run unmasked, in a call of their own
-        split = int(text[r0]) if int(text[r0]) >= _UNMASKED_MIN_KEYS else 0
-        keep = torch.arange(split, nk, device=text.device)[None, :] <= text[r0:r1, None]
-        mask = None if bool(keep.all()) else torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill_(
-            ~keep, float("-inf"))
-        chunks.append((r0, r1, split if mask is not None else 0, nk, mask))
-    return _TextPlan(text, chunks)
+        split = first if masked and first >= _UNMASKED_MIN_KEYS else 0
+        chunks.append(_TextChunk(r0, r1, split, nk, masked))
+    return tuple(chunks)
 
 
-def _plan(image_of: torch.Tensor, is_sink: torch.Tensor, cats: tuple, dtype) -> _Plan | None:
+def _text_masks(plan: _Plan, chunks: tuple[_TextChunk, ...], heads: int, dtype) -> tuple:
+    """Float masks ``[rows, nk - split]`` of the masked text chunks (None for the others)."""
+    def build():
+        text, out = plan.text_rows, []
+        for ch in chunks:
+            if not ch.masked:
+                out.append(None)
+                continue
+            keep = torch.arange(ch.split, ch.nk, device=text.device)[None, :] <= text[ch.r0:ch.r1, None]
+            out.append(torch.zeros(keep.shape, dtype=dtype, device=text.device).masked_fill_(~keep, float("-inf")))
+        return tuple(out)
+    return build() if plan.key is None else _PLANS.get_or_build(("text_masks", plan.key, heads, dtype), build)
+
+
+def _plan(image_of: torch.Tensor, is_sink: torch.Tensor, cats: tuple, key: tuple | None = None) -> _Plan | None:
     """The layout's plan, or None when sinks are not the first tokens of their segment (general path)."""
     text = (image_of < 0).nonzero().flatten()
     with_sinks = torch.sort(torch.cat([text, is_sink.nonzero().flatten()])).values
     keys = {c: text if c == Category.INTRA else with_sinks for c in cats}
-    runs: list = []
+    groups: list = []  # [L, sinks, starts] of runs of equal segments
     for _, s0, s1 in image_segments(image_of):
         ns = int(is_sink[s0:s1].sum())
         if not bool(is_sink[s0:s0 + ns].all()):
             return None
-        if runs and runs[-1].L == s1 - s0 and runs[-1].sinks == ns:
-            runs[-1].starts.append(s0)
+        if groups and groups[-1][0] == s1 - s0 and groups[-1][1] == ns:
+            groups[-1][2].append(s0)
         else:
-            runs.append(_SegmentRun(s1 - s0, ns, [s0], {}))
-    mask_elements = 0
-    for run in runs:
-        starts = torch.tensor(run.starts, device=image_of.device)
-        L, ns = run.L, run.sinks
+            groups.append([s1 - s0, ns, [s0]])
+    runs = []
+    for L, ns, starts in groups:
+        chunks = {}
         for c in cats:
-            n = torch.searchsorted(keys[c], starts).tolist()  # keys before the segment
+            n = torch.searchsorted(keys[c], torch.tensor(starts, device=image_of.device)).tolist()  # keys before
             own = ns if c == Category.SINK else L  # SINK: its own sinks (and its own key, merged later)
-            P = 1 if c == Category.SINK else _own_parts(L, len(run.starts))
+            P = 1 if c == Category.SINK else _own_parts(L, len(starts))
             height = 32 * -(-L // (32 * P))  # whole query blocks of the kernel
             parts = [(r, min(L, r + height)) for r in range(0, L, height)]
-            chunks = []
             extra_calls = (len(parts) - 1) * _CALL_COST  # a chunk makes one call per part
 
             def cost(rows, keys, extra=extra_calls):
                 return rows * keys + extra
 
-            for lo, hi in _chunks([L] * len(n), n, cost):
-                nk, m = n[hi - 1], hi - lo
-                own_keys = starts[lo:hi, None] + torch.arange(own, device=image_of.device)
-                index = torch.cat([keys[c][:nk].expand(m, nk), own_keys], 1)
-                kept = torch.arange(nk, device=image_of.device)[None, :] < starts.new_tensor(n[lo:hi])[:, None]
-                # a part's rows never keep own keys after its last row: left out of its call
-                calls = [(r0, r1, nk + (own if c == Category.SINK else r1)) for r0, r1 in parts]
-                chunks.append([lo, hi, index, calls, (kept, own)])
-                mask_elements += m * L * (nk + own)
-            run.chunks[c] = chunks
-    if mask_elements <= _MASK_BUDGET:  # else each call builds its chunk's mask (long images: O(L^2) each)
-        for run in runs:
-            for chunks in run.chunks.values():
-                for chunk in chunks:
-                    chunk[4] = _chunk_mask(*chunk[4], run.L, dtype)
-    return _Plan(text, {}, keys, runs, dtype)
+            # a part's rows never keep own keys after its last row: left out of its call
+            chunks[c] = tuple(
+                _Chunk(lo, hi, n[hi - 1], tuple(n[lo:hi]),
+                       tuple((r0, r1, n[hi - 1] + (own if c == Category.SINK else r1)) for r0, r1 in parts))
+                for lo, hi in _chunks([L] * len(n), n, cost))
+        runs.append(_SegmentRun(L, ns, tuple(starts), chunks))
+    return _Plan(text, keys, tuple(runs), key)
 
 
-def _chunk_mask(kept: torch.Tensor, own: int, L: int, dtype) -> torch.Tensor:
-    """Float mask ``[m, 1, L, nk + own]`` of a segment chunk: its prefix keys (``kept [m, nk]``), then own keys,
-    causal."""
-    m, nk = kept.shape
-    tri = torch.arange(own, device=kept.device)[None, :] <= torch.arange(L, device=kept.device)[:, None]
-    keep = torch.cat([kept[:, None, :].expand(m, L, nk), tri.expand(m, L, own)], -1)
+def _run_tensors(plan: _Plan, dtype) -> _RunTensors:
+    """Gather positions of every chunk, and its float mask while all of them fit in ``_MASK_BUDGET`` elements."""
+    device = plan.text_rows.device
+    index, elements = {}, 0
+    for r, run in enumerate(plan.runs):
+        starts = torch.tensor(run.starts, device=device)
+        for c, chunks in run.chunks.items():
+            own = run.sinks if c == Category.SINK else run.L
+            for i, ch in enumerate(chunks):
+                m = ch.hi - ch.lo
+                own_keys = starts[ch.lo:ch.hi, None] + torch.arange(own, device=device)
+                index[r, c, i] = torch.cat([plan.keys[c][:ch.nk].expand(m, ch.nk), own_keys], 1)
+                elements += m * run.L * (ch.nk + own)
+    masks = {}
+    if elements <= _MASK_BUDGET:  # else each call builds its chunk's mask (long images: O(L^2) each)
+        for r, c, i in index:
+            run = plan.runs[r]
+            masks[r, c, i] = _chunk_mask(run.chunks[c][i], run, c, dtype, device)
+    return _RunTensors(index, masks)
+
+
+def _chunk_mask(ch: _Chunk, run: _SegmentRun, c: int, dtype, device) -> torch.Tensor:
+    """Float mask ``[m, 1, L, nk + own]`` of a segment chunk: each segment's prefix keys, then own keys, causal."""
+    m, L = ch.hi - ch.lo, run.L
+    own = run.sinks if c == Category.SINK else L
+    kept = torch.arange(ch.nk, device=device)[None, :] < torch.tensor(ch.prefix, device=device)[:, None]
+    tri = torch.arange(own, device=device)[None, :] <= torch.arange(L, device=device)[:, None]
+    keep = torch.cat([kept[:, None, :].expand(m, L, ch.nk), tri.expand(m, L, own)], -1)
     return torch.where(keep, 0.0, float("-inf")).to(dtype)[:, None]
 
 
-_PLANS: dict = {}
+def _cached_plan(image_of: torch.Tensor, is_sink: torch.Tensor, cats: tuple) -> _Plan | None:
+    """The plan of this row's layout, from the cache (keyed by the layout's content)."""
+    key = ("plan", tensor_digest(image_of), tensor_digest(is_sink), cats)
+    return _PLANS.get_or_build(key, lambda: _plan(image_of, is_sink, cats, key))
 
 
-def _cached_plan(image_of, is_sink, cats, dtype) -> _Plan | None:
-    """The plan of this row's layout; one layout serves every layer of a forward, so keep the last few."""
-    key = (tuple(image_of.shape), str(image_of.device), cats, dtype)
-    for entry in _PLANS.get(key, ()):
-        if torch.equal(entry[0], image_of) and torch.equal(entry[1], is_sink):
-            return entry[2]
-    plan = _plan(image_of, is_sink, cats, dtype)
-    entries = _PLANS.setdefault(key, [])
-    entries.insert(0, (image_of.clone(), is_sink.clone(), plan))
-    del entries[2:]
-    return plan
+def _cached_run_tensors(plan: _Plan, dtype) -> _RunTensors:
+    return _PLANS.get_or_build(("tensors", plan.key, dtype), lambda: _run_tensors(plan, dtype))
 
 
-def layout_plan(image_of: torch.Tensor, is_sink: torch.Tensor, heads: list[int], rep: int, dtype) -> _Plan | None:
-    """The fast path's whole per-layout plan for one batch row, uncached (what a new prompt layout costs)."""
+def layout_plan(image_of: torch.Tensor, is_sink: torch.Tensor, heads: list[int], rep: int, dtype):
+    """The fast path's whole per-layout work for one batch row, uncached (what a new prompt layout costs): the
+    plan, its run tensors and the text rows' chunks and masks per head count; None for the general path."""
     cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
-    plan = _plan(image_of, is_sink, cats, dtype) if cats else None
-    if plan is not None and plan.text_rows.numel():
+    plan = _plan(image_of, is_sink, cats) if cats else None
+    if plan is None:
+        return None
+    text = {}
+    if plan.text_rows.numel():
         sparse = [int(c != Category.DENSE) for c in heads]
         for h0, h1, _ in _head_groups(sparse, rep, True):
             if sparse[h0]:
-                plan.text_plan(h1 - h0)
-    return plan
+                chunks = _text_chunks(plan, h1 - h0)
+                text[h1 - h0] = (chunks, _text_masks(plan, chunks, h1 - h0, dtype))
+    return plan, _run_tensors(plan, dtype), text
 
 
 def _head_groups(heads: list[int], rep: int, same_category: bool) -> list[tuple[int, int, int]]:
@@ -339,20 +431,21 @@ def _write_segments(dst, starts, L, r0, r1, src) -> None:
             dst[:, s + r0:s + r1].copy_(src[i])
 
 
-def _image_rows(qh, kk, vv, dst, c: int, plan: _Plan, scale: float) -> None:
+def _image_rows(qh, kk, vv, dst, c: int, plan: _Plan, tensors: _RunTensors, scale: float) -> None:
     """Image rows of heads ``qh [h, S, D]`` (category c, one KV head ``kk``/``vv [S, D]``), written into ``dst``."""
     h, _, D = qh.shape
-    for run in plan.runs:
+    for r, run in enumerate(plan.runs):
         L, ns = run.L, run.sinks
-        for lo, hi, index, calls, mask in run.chunks[c]:
-            starts, m = run.starts[lo:hi], hi - lo
+        for i, ch in enumerate(run.chunks[c]):
+            starts, m = run.starts[ch.lo:ch.hi], ch.hi - ch.lo
             # index_select over the flat index: several times faster than advanced indexing on CPU
-            flat = index.flatten()
+            flat = tensors.index[r, c, i].flatten()
             ks = kk.index_select(0, flat).view(m, -1, kk.shape[-1])
             vs = vv.index_select(0, flat).view(m, -1, vv.shape[-1])
             qs = _segments_of(qh, starts, L)
-            mask = mask if isinstance(mask, torch.Tensor) else _chunk_mask(*mask, L, qh.dtype)
-            for r0, r1, nk in calls:
+            mask = tensors.masks.get((r, c, i))
+            mask = mask if mask is not None else _chunk_mask(ch, run, c, qh.dtype, qh.device)
+            for r0, r1, nk in ch.calls:
                 o, lse = _flash(qs[:, :, r0:r1], ks[:, None, :nk].expand(m, h, nk, D),
                                 vs[:, None, :nk].expand(m, h, nk, vv.shape[-1]), False, scale, mask[:, :, r0:r1, :nk])
                 if c == Category.SINK:  # its one call holds every row (r0, r1 = 0, L)
@@ -371,11 +464,13 @@ def _with_own_key(o, lse, qs, kk, vv, starts, L: int, ns: int, scale: float) -> 
     return _merge(o, lse, own_v, score)
 
 
-def _text_rows(qh, kk, vv, dst, tp: _TextPlan, scale: float) -> None:
+def _text_rows(qh, kk, vv, dst, rows: torch.Tensor, chunks: tuple[_TextChunk, ...], masks: tuple,
+               scale: float) -> None:
     h, _, D = qh.shape
-    qr = qh[:, tp.rows]
+    qr = qh[:, rows]
     outs = []
-    for r0, r1, split, nk, mask in tp.chunks:
+    for ch, mask in zip(chunks, masks):
+        r0, r1, split, nk = ch.r0, ch.r1, ch.split, ch.nk
         o, lse = _flash(qr[None, :, r0:r1], kk[None, None, split:nk].expand(1, h, nk - split, D),
                         vv[None, None, split:nk].expand(1, h, nk - split, vv.shape[-1]), False, scale,
                         None if mask is None else mask[None, None])
@@ -384,7 +479,7 @@ def _text_rows(qh, kk, vv, dst, tp: _TextPlan, scale: float) -> None:
                               vv[None, None, :split].expand(1, h, split, vv.shape[-1]), False, scale)
             o = _merge(o0, lse0, o, lse).to(qh.dtype)
         outs.append(o[0])
-    dst[:, tp.rows] = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
+    dst[:, rows] = torch.cat(outs, 1) if len(outs) > 1 else outs[0]
 
 
 def _merge(o1, lse1, o2, lse2) -> torch.Tensor:
@@ -439,9 +534,11 @@ def _strided_pieces(x: torch.Tensor, step: int, L: int) -> torch.Tensor:
 def _causal_row(q, k, v, out, b, image_of, is_sink, heads: list[int], rep: int, scale: float) -> bool:
     """Causal attention of batch row b, every head, written into ``out``; False if the layout needs the general path."""
     cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
-    plan = _cached_plan(image_of, is_sink, cats, q.dtype) if cats and bool((image_of >= 0).any()) else None
-    if cats and plan is None and bool((image_of >= 0).any()):
+    has_images = bool((image_of >= 0).any())
+    plan = _cached_plan(image_of, is_sink, cats) if cats and has_images else None
+    if cats and has_images and plan is None:
         return False
+    tensors = _cached_run_tensors(plan, q.dtype) if plan is not None else None
     if plan is None:
         heads = [int(Category.DENSE)] * len(heads)
     for h0, h1, g in _head_groups(heads, rep, True):
@@ -450,12 +547,14 @@ def _causal_row(q, k, v, out, b, image_of, is_sink, heads: list[int], rep: int, 
         if c == Category.DENSE:
             _causal_heads(qh, kk, vv, dst, scale)
         else:
-            _image_rows(qh, kk, vv, dst, c, plan, scale)
+            _image_rows(qh, kk, vv, dst, c, plan, tensors, scale)
     if plan is not None and plan.text_rows.numel():  # text rows keep every earlier key, in every category
         sparse = [int(c != Category.DENSE) for c in heads]
         for h0, h1, g in _head_groups(sparse, rep, True):
             if sparse[h0]:
-                _text_rows(q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1], plan.text_plan(h1 - h0), scale)
+                chunks = _text_chunks(plan, h1 - h0)
+                masks = _text_masks(plan, chunks, h1 - h0, q.dtype)
+                _text_rows(q[b, h0:h1], k[b, g], v[b, g], out[b, h0:h1], plan.text_rows, chunks, masks, scale)
     return True
 
 
@@ -494,16 +593,16 @@ def _causal_work(plan: _Plan, heads: list[int], rep: int, S: int) -> Work:
             work += _dense_heads_work(h, S)
             continue
         for run in plan.runs:
-            for lo, hi, _, calls, _ in run.chunks[c]:
-                for r0, r1, nk in calls:
-                    work += _small_call(hi - lo, h, r1 - r0, nk)
+            for ch in run.chunks[c]:
+                for r0, r1, nk in ch.calls:
+                    work += _small_call(ch.hi - ch.lo, h, r1 - r0, nk)
     sparse = [int(c != Category.DENSE) for c in heads]
     for h0, h1, _ in _head_groups(sparse, rep, True):
         if sparse[h0] and plan.text_rows.numel():
-            for r0, r1, split, nk, _ in plan.text_plan(h1 - h0).chunks:
-                work += _small_call(1, h1 - h0, r1 - r0, nk - split)
-                if split:
-                    work += _small_call(1, h1 - h0, r1 - r0, split)
+            for ch in _text_chunks(plan, h1 - h0):
+                work += _small_call(1, h1 - h0, ch.r1 - ch.r0, ch.nk - ch.split)
+                if ch.split:
+                    work += _small_call(1, h1 - h0, ch.r1 - ch.r0, ch.split)
     return work
 
 
@@ -554,7 +653,7 @@ def segment_work(q, k, attn_mask, image: torch.Tensor, sink: torch.Tensor, heads
         dense += _dense_heads_work(H, S) if causal[b] else _small_call(1, H, S, S)
         image_of, is_sink = image[b], sink[b]
         has_images = bool((image_of >= 0).any())
-        plan = _cached_plan(image_of, is_sink, cats, q.dtype) if causal[b] and cats and has_images else None
+        plan = _cached_plan(image_of, is_sink, cats) if causal[b] and cats and has_images else None
         if plan is not None:
             sparse += _causal_work(plan, heads, rep, S)
         else:

@@ -11,13 +11,12 @@ Counting kept pairs per run pair and summing them per tile gives the exact tile 
 
 from __future__ import annotations
 
-import hashlib
-from collections import OrderedDict
 from collections.abc import Sequence
 
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from ..cache import BoundedCache, tensor_digest
 from ..categories import Category
 from ..layout import Layout
 from ..stats import count
@@ -25,8 +24,8 @@ from .mask_mods import BaseMask, generate_blindsight_mask_mod
 
 __all__ = ["pair_counts", "category_tiles", "assemble_block_mask", "build_block_mask", "clear_block_mask_cache"]
 
-_CACHE: OrderedDict = OrderedDict()
-_CACHE_SIZE = 16
+# (layout, base, block) -> per-category tiles, [4, B, S/128, S/128] bools twice: one layout serves every layer
+_CACHE = BoundedCache("masks.block_tiles", max_entries=16, max_bytes=256 << 20)
 
 
 def _triangle_prefix(n: torch.Tensor, width: torch.Tensor) -> torch.Tensor:
@@ -139,11 +138,10 @@ def category_tiles(layout: Layout, base: BaseMask | None = None, block_size=128)
     """
     base = base if base is not None else BaseMask()
     block = _block(block_size)
-    key = (layout.key, block, base.causal, base.sliding_window, _digest(base.key_padding),
-           _digest(base.bidirectional_groups))
+    key = (layout.key, str(layout.image.device), block, base.causal, base.sliding_window,
+           tensor_digest(base.key_padding), tensor_digest(base.bidirectional_groups))
     hit = _CACHE.get(key)
     if hit is not None:
-        _CACHE.move_to_end(key)
         count("block_masks_reused")
         return hit
     count("block_masks_built")
@@ -151,11 +149,7 @@ def category_tiles(layout: Layout, base: BaseMask | None = None, block_size=128)
     tiles = torch.stack([counts[c] for c in Category])
     full = tiles == block[0] * block[1]
     device = layout.image.device
-    out = (((tiles > 0) & ~full).to(device), full.to(device))
-    _CACHE[key] = out
-    while len(_CACHE) > _CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return out
+    return _CACHE.put(key, (((tiles > 0) & ~full).to(device), full.to(device)))
 
 
 def assemble_block_mask(
@@ -218,12 +212,6 @@ def build_block_mask(
 
 def _block(block_size) -> tuple[int, int]:
     return (block_size, block_size) if isinstance(block_size, int) else tuple(block_size)
-
-
-def _digest(t: torch.Tensor | None):
-    if t is None:
-        return None
-    return (tuple(t.shape), hashlib.blake2b(t.cpu().numpy().tobytes(), digest_size=16).hexdigest())
 
 
 def clear_block_mask_cache() -> None:

@@ -14,15 +14,20 @@ import os
 import sys
 
 from .. import hf
-from ..categories import Category, parse_mix
+from ..categories import Category, layer_thresholds, parse_mix, thresholds_setting
 from ..layout import Layout, parse_layout_spec
 from ..lowering import LOWERINGS
-from ..profile import ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
+from ..profile import MAX_SHAPE, ModelInfo, Profile, ProfileFormatError, ProfileMismatchError
 from ..template import LayoutError, Template
 from .data import DataError
 from .presets import DEMO_LAYOUT, DEMO_MIX, QWEN2_VL_2B_TEXT
 
 EXIT_USER_ERROR = 2  # as argparse's own usage errors
+# Bounds (DESIGN §4): a layout spec on the command line describes at most MAX_LAYOUT_TOKENS tokens (the FLOP
+# accounting of a 2**20-token prompt holds per-tile counts of some GB; 2**24 would need hundreds), a mask picture at
+# most MAX_PICTURE_TOKENS (it draws every (query, key) pair). Checked on the spec's text, before anything is built.
+MAX_LAYOUT_TOKENS = 2 ** 20
+MAX_PICTURE_TOKENS = 2 ** 12
 EPILOG = (f"Exit status {EXIT_USER_ERROR} means a user error (a bad argument, an unreadable or malformed file, a "
           "missing model), reported as one line on stderr; --debug or BLINDSIGHT_DEBUG=1 shows its traceback "
           "instead. 0 means success; any other status, with a traceback, is a bug (130: interrupted).")
@@ -54,6 +59,20 @@ def _int_at_least(minimum: int, what: str):
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "an integer >= 0")
+
+
+def _int_between(minimum: int, maximum: int, what: str):
+    at_least = _int_at_least(minimum, what)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected {what} <= {maximum}, got {text!r}")
+        return value
+    return parse
+
+
+shape_int = _int_between(1, MAX_SHAPE, "a positive integer")  # layers, heads, head dim, width of a bench model
 
 
 def unit_float(text: str) -> float:
@@ -117,17 +136,26 @@ def token_lengths(text: str) -> tuple[int, ...]:
         values = tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
         values = ()
-    if not values or min(values) < 256:
-        raise argparse.ArgumentTypeError(f"expected comma-separated prompt lengths >= 256, got {text!r}")
+    if not values or min(values) < 256 or max(values) > MAX_LAYOUT_TOKENS:
+        raise argparse.ArgumentTypeError(f"expected comma-separated prompt lengths from 256 to {MAX_LAYOUT_TOKENS}, "
+                                         f"got {text!r}")
     return values
 
 
-def layout_spec(text: str) -> str:
-    try:
-        parse_layout_spec(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _layout_spec(limit: int):
+    def parse(text: str) -> str:
+        try:
+            items = parse_layout_spec(text, max_tokens=limit)  # refused before it is expanded
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        if not items:
+            raise argparse.ArgumentTypeError(f"layout spec {text!r} has no tokens")
+        return text
+    return parse
+
+
+layout_spec = _layout_spec(MAX_LAYOUT_TOKENS)
+picture_layout_spec = _layout_spec(MAX_PICTURE_TOKENS)
 
 
 def output_file(text: str) -> str:
@@ -503,8 +531,9 @@ def cmd_inspect(args) -> int:
     layout = _layout(args.layout, Template.from_dict(profile.model.template)) if args.layout else None
     print(profile.summary())
     cal = profile.calibration
-    if "thresholds" in cal:
-        print(f"  thresholds: {_thresholds_text(cal['thresholds'])}; quantile {cal.get('quantile', 0.0)}; "
+    if "thresholds" in cal:  # any documented form (a number, a mapping, null, per layer), as decide() reads it
+        setting = thresholds_setting(layer_thresholds(cal["thresholds"], profile.model.num_layers))
+        print(f"  thresholds: {_thresholds_text(setting)}; quantile {cal.get('quantile', 0.0)}; "
               f"dense layers {cal.get('dense_layers', [])}")
     if isinstance(cal.get("tune"), dict) and args.threshold is None:
         from ..tune import format_tune_record
@@ -540,6 +569,15 @@ def cmd_bench(args) -> int:
         raise UserError(str(e)) from e
     if profile is None:
         _mix(cfg.mix, cfg.heads)
+    if args.sweep is None:  # what the run would find only after its first measurements
+        from .bench import BENCH_TEMPLATE, arrangements
+
+        _layout(cfg.layout, BENCH_TEMPLATE)
+        if cfg.prefill and cfg.recompile_prompts:
+            try:
+                arrangements(cfg.recompile_len, cfg.recompile_prompts + 1)
+            except ValueError as e:
+                raise UserError(f"--recompile-len: {e}") from e
     if args.sweep is not None:
         from .bench import crossover, format_sweep, sweep
 
@@ -588,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--mix", default=DEMO_MIX, help="categories of the 12 heads of every layer")
     f.add_argument("--png", type=output_file, default="blindsight-masks.png",
                    help="where to draw the category masks ('' for none)")
-    f.add_argument("--picture-layout", type=layout_spec, default="text:6,(image:14,text:3)x4,text:6")
+    f.add_argument("--picture-layout", type=picture_layout_spec, default="text:6,(image:14,text:3)x4,text:6",
+                   help=f"layout of the mask picture (at most {MAX_PICTURE_TOKENS} tokens)")
     f.add_argument("--json", action="store_true", help="print machine-readable numbers")
     f.set_defaults(func=cmd_flops)
 
@@ -670,21 +709,22 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="compiled dense SDPA vs BlindSight: one layer's attention and a whole prefill",
                        epilog=EPILOG)
     b.add_argument("--layout", type=layout_spec, default=DEMO_LAYOUT)
-    b.add_argument("--heads", type=positive_int, default=12)
-    b.add_argument("--kv-heads", type=positive_int, default=2)
-    b.add_argument("--head-dim", type=positive_int, default=128)
+    b.add_argument("--heads", type=shape_int, default=12)
+    b.add_argument("--kv-heads", type=shape_int, default=2)
+    b.add_argument("--head-dim", type=shape_int, default=128)
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     g = b.add_mutually_exclusive_group()
     g.add_argument("--mix", default=DEMO_MIX, help="categories of the heads of every layer")
     g.add_argument("--profile", default=None, help="use a profile's categories and shape instead of --mix")
-    b.add_argument("--layers", type=positive_int, default=2, help="layers of the prefill model")
-    b.add_argument("--hidden", type=positive_int, default=1536, help="hidden size of the prefill model")
+    b.add_argument("--layers", type=shape_int, default=2, help="layers of the prefill model")
+    b.add_argument("--hidden", type=shape_int, default=1536, help="hidden size of the prefill model")
     b.add_argument("--repeat", type=positive_int, default=5, help="timed runs (median)")
     b.add_argument("--no-prefill", action="store_true", help="skip the whole-prefill measurement")
     b.add_argument("--lowering", default="auto", choices=["auto", *sorted(LOWERINGS)])
-    b.add_argument("--recompile-prompts", type=non_negative_int, default=10,
+    b.add_argument("--recompile-prompts", type=_int_between(0, MAX_SHAPE, "an integer >= 0"), default=10,
                    help="prefill prompts of one length with images moved, counting compilations (0: skip)")
-    b.add_argument("--recompile-len", type=positive_int, default=1024, help="their length in tokens")
+    b.add_argument("--recompile-len", type=_int_between(1, MAX_LAYOUT_TOKENS, "a positive integer"), default=1024,
+                   help="their length in tokens")
     b.add_argument("--sweep", type=token_lengths, nargs="?", const="256,512,1024,2048,4096,8192,16384,32768,65536",
                    default=None, help="one layer's attention at each of these prompt lengths (default 256 to 64K "
                    "tokens, 2 to 128 images) instead of --layout: a table, and with --png a plot")

@@ -198,10 +198,8 @@ def test_a_profile_of_another_family_is_refused(family, name):
     foreign = family(other)[2]
     with pytest.raises(ProfileMismatchError):
         blindsight.attach(model, foreign)
-    with pytest.raises(Exception) as e:  # Dynamo wraps what a backend raises
+    with pytest.raises(ProfileMismatchError):  # itself, at the call (not Dynamo's BackendCompilerFailed)
         torch.compile(model, backend=blindsight_backend(foreign, compile_dense=False))(**family(name)[3])
-    chain = [e.value, e.value.__cause__, getattr(e.value, "inner_exception", None)]
-    assert any(isinstance(x, ProfileMismatchError) for x in chain), e.value
 
 
 @pytest.mark.parametrize("name", ["qwen3_vl", "idefics3"])

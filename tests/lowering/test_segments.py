@@ -100,7 +100,7 @@ def test_masks_built_per_call_beyond_the_budget(monkeypatch):
     import blindsight.lowering.segments as lowering
 
     monkeypatch.setattr(lowering, "_MASK_BUDGET", 0)
-    monkeypatch.setattr(lowering, "_PLANS", {})
+    lowering._PLANS.clear()
     _check(Layout.from_spec("text:5,(image:300,text:3)x3,image:200,text:4", T2),
            ["sink", "intra", "dense", "intra_sink"], 2)
 
@@ -113,8 +113,9 @@ def test_text_rows_keys_kept_by_every_row_run_unmasked(monkeypatch, spec):
 
     monkeypatch.setattr(lowering, "_UNMASKED_MIN_KEYS", 1)
     monkeypatch.setattr(lowering, "_CALL_COST", 1)
-    monkeypatch.setattr(lowering, "_PLANS", {})
+    lowering._PLANS.clear()
     layout = Layout.from_spec(spec, T2)
-    plan = lowering.layout_plan(layout.image[0], layout.sink[0], [int(Category.INTRA)] * 2, 1, torch.float32)
-    assert any(chunk[2] for chunk in plan.text_plan(2).chunks)
+    _, _, text = lowering.layout_plan(layout.image[0], layout.sink[0], [int(Category.INTRA)] * 2, 2, torch.float32)
+    chunks, _ = text[2]  # 2 heads on one KV head: one call for both
+    assert any(chunk.split for chunk in chunks)
     _check(layout, ["intra", "sink", "intra_sink", "dense"], 2)

@@ -129,14 +129,21 @@ def test_calibrate_from_jsonl_with_the_models_processor(tmp_path):
 
 # ---- user errors: exit status 2 and one line on stderr, no traceback ("Zero silent wrong answers", item 7) ---------
 
-def run_cli(*args, env=None):
-    """``python -m blindsight ARGS`` in a subprocess, importing this very checkout of blindsight."""
+def run_cli(*args, env=None, memory=None, timeout=300):
+    """``python -m blindsight ARGS`` in a subprocess, importing this very checkout of blindsight. ``memory``: a
+    cap on its address space in bytes, so a command that would allocate without end fails fast instead."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(blindsight.__file__)))
     inherited = {k: v for k, v in os.environ.items() if k != "BLINDSIGHT_DEBUG"}  # debugging only where asked
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
     env = dict(inherited, OMP_NUM_THREADS="1", PYTHONPATH=path, **(env or {}))
+
+    def cap():
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+
     return subprocess.run([sys.executable, "-m", "blindsight", *map(str, args)], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=timeout, preexec_fn=cap if memory else None)
 
 
 def assert_user_error(r, *words):
@@ -264,3 +271,82 @@ def test_tune_refuses_a_held_out_file_for_another_model(tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("blindsight: error: ") and "wrong.jsonl: the dense model answers none of the 1" in last
+
+
+# ---- "Long-running servers": documented forms read, sizes that cannot fit refused up front, one line each ------------
+
+def _profile_with_thresholds(tmp_path, thresholds):
+    recall = [[[0.99, 0.9, 0.5]] * 4] * 2
+    scores = {"statistic": "recall", "categories": ["intra_sink", "intra", "sink"], "prompts": [{"recall": recall}]}
+    template = {"image_open_ids": [252], "image_close_ids": [253], "image_token_ids": [250], "sinks_per_image": 1}
+    d = Profile(ModelInfo("qwen2_vl", 2, 4, 2, 16, template), (("dense",) * 4,) * 2, {}, scores).to_dict()
+    d["calibration"]["thresholds"] = thresholds
+    d["version"] = 2 if isinstance(thresholds, list) else 1
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(d))
+    return path
+
+
+@pytest.mark.parametrize("thresholds, shown", [
+    (0.9, "thresholds: intra_sink 0.9, intra 0.9, sink 0.9;"),
+    (None, "thresholds: intra_sink 0.95, intra 0.95, sink 0.95;"),
+    ({"sink": 0.5}, "thresholds: intra_sink 0.95, intra 0.95, sink 0.5;"),
+    ([0.9, {"sink": 0.5}], "thresholds: layer 0: intra_sink 0.9, intra 0.9, sink 0.9; layer 1: intra_sink 0.95, "
+                           "intra 0.95, sink 0.5;"),
+])
+def test_inspect_reads_every_documented_thresholds_form(tmp_path, capsys, thresholds, shown):
+    """calibration.thresholds as one number, null (the default), a partial mapping, a per-layer list of numbers
+    and mappings: inspect prints them as decide() reads them (a number or null used to be a TypeError)."""
+    path = _profile_with_thresholds(tmp_path, thresholds)
+    assert main(["inspect", str(path), "--layout", "text:8,(image:20,text:4)x3"]) == 0
+    out = capsys.readouterr().out
+    assert shown in out and "attention FLOPs" in out
+
+
+def test_layout_specs_over_the_bound_are_refused_before_they_are_expanded():
+    import time
+
+    from blindsight import parse_layout_spec
+
+    for spec in ("text:64,(image:496,text:16)x16,text:80", " ( text : 3 , (image:4)x2) x 3,text:1",
+                 "((text:2,image:3)x2)x5"):
+        assert len(parse_layout_spec(spec, max_tokens=10_000)) == len(parse_layout_spec(spec)), spec
+    start = time.perf_counter()
+    for spec in ("(image:496,text:16)x100000000", "((text:0)x1000000)x1000000", "text:" + "9" * 5000,
+                 "(" * 5000 + "text:1" + ")x1" * 5000):
+        with pytest.raises(ValueError, match="longer than|too large|nested too deeply"):
+            parse_layout_spec(spec)
+    assert time.perf_counter() - start < 1  # refused up front, not after building 10^8 items
+    with pytest.raises(ValueError, match="longer than 100 tokens"):
+        parse_layout_spec("(text:10)x11", max_tokens=100)
+
+
+SMALL_BENCH = ["--repeat", "1", "--layers", "1", "--hidden", "32", "--heads", "2", "--kv-heads", "1", "--head-dim", "8",
+               "--mix", "dense,sink"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["bench", "--layout", "text:4,image:1"], ["--layout", "image:1 needs >= 3 tokens"]),
+    (["bench", *SMALL_BENCH, "--layout", "text:30,image:10", "--recompile-len", "10"],
+     ["--recompile-len", "too short"]),
+    (["bench", "--heads", "100000"], ["--heads", "<= 65536", "'100000'"]),
+    (["bench", "--sweep", "256,100000000"], ["--sweep", "from 256 to 1048576"]),
+    (["flops", "--layout", "(image:496,text:16)x100000000"], ["--layout", "longer than 1048576 tokens"]),
+    (["flops", "--layout", "text:99999999999999"], ["--layout", "longer than 1048576 tokens"]),
+    (["flops", "--layout", "(text:1)x0"], ["--layout", "has no tokens"]),
+    (["flops", "--layout", "(" * 3000 + "text:1" + ")x1" * 3000], ["--layout", "nested too deeply"]),
+    (["flops", "--picture-layout", "text:5000"], ["--picture-layout", "longer than 4096 tokens"]),
+    (["flops", "--mix", "dense:99999999999"], ["--mix", "gives 99999999999 heads, the model has 12"]),
+    (["flops", "--mix", "dense:\u00b2"], ["--mix", "positive count"]),
+])
+def test_sizes_that_cannot_fit_are_refused_up_front(args, words):
+    """A layout, a mix or a bench shape that cannot be built is a user error before anything is materialized (the
+    x100000000 layout used to hang, then fail in the allocator): one line, exit status 2, within a 4 GiB address
+    space and a minute."""
+    assert_user_error(run_cli(*args, memory=4 << 30, timeout=120), *words)
+
+
+def test_inspect_of_an_unreadably_long_number_is_one_line(tmp_path):
+    path = _profile_with_thresholds(tmp_path, 0.9)
+    path.write_text(path.read_text().replace('"thresholds": 0.9', '"thresholds": ' + "9" * 5000))
+    assert_user_error(run_cli("inspect", path), "p.json", "corrupt profile")
