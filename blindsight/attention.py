@@ -66,7 +66,8 @@ def blindsight_attention_forward(module: torch.nn.Module, query, key, value, att
         out = dense_attention(query, key, value, attention_mask, scaling, is_causal)
     else:
         # decode is dense by definition: no need to find the prompt
-        layout, reason = (None, None) if q_len == 1 else prompt_layout(state.template, warn=warn)
+        layout, reason = (None, None) if q_len == 1 else prompt_layout(state.template, warn=warn,
+                                                                       seq_len=key.shape[2], query_len=q_len)
         out = sparse_attention(query, key, value, attention_mask, layout, state.heads, scaling, is_causal,
                                state.options.lowering, state.options.block_size, reason, warn,
                                state.options.only_if_faster)

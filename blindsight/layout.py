@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import hashlib
-import os
 import re
 import sys
 import warnings
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import BoundedCache, tensor_digest
+from .sequence import INTERNAL_DIRS, RunningPrompt, remember, running_prompts, sequence_ids
 from .stats import count
 from .template import LayoutError, Template, find_segments
 
@@ -87,11 +87,13 @@ class Layout:
 
     @classmethod
     def from_input_ids(cls, input_ids: torch.Tensor, template: Template, attention_mask=None,
-                       video_grid_thw=None) -> Layout:
+                       video_grid_thw=None, open_end: bool = False) -> Layout:
         """Find the image segments of ``input_ids`` ``[B, S]`` (or ``[S]``): :func:`blindsight.template.find_segments`.
 
         Positions where the 2-D ``attention_mask`` is 0 are padding: text, whatever their ids. ``video_grid_thw``:
         the prompt's video grids, needed by ``Template(video_segments="frame")`` for Qwen2/2.5-VL videos.
+        ``open_end``: the ids are the start of a sequence (the tokens so far of a prompt prefilled in chunks), so a
+        row may end inside an image: that segment runs to the end, as it does in the whole prompt (DESIGN §2).
         """
         ids = torch.as_tensor(input_ids)
         if ids.dim() == 1:
@@ -108,12 +110,50 @@ class Layout:
                     f"{tuple(ids.shape)}"
                 )
             real = am.bool()
-        return cls(*find_segments(ids, real, template, video_grid_thw))
+        try:
+            return cls(*find_segments(ids, real, template, video_grid_thw))
+        except LayoutError:
+            if not open_end:
+                raise
+        rows = [_open_ended_row(ids[b:b + 1], real[b:b + 1], template, video_grid_thw if len(ids) == 1 else None)
+                for b in range(ids.shape[0])]
+        return cls(torch.cat([r[0] for r in rows]), torch.cat([r[1] for r in rows]))
+
+    def last(self, n: int) -> Layout:
+        """The layout of the last ``n`` positions (the keys a sliding-window cache keeps): segments keep their
+        tokens and sinks, renumbered from 0; a segment that started earlier has its sinks outside."""
+        image, sink = self.image[:, -n:], self.sink[:, -n:]
+        first = torch.where(image >= 0, image, torch.iinfo(torch.int32).max).min(dim=1, keepdim=True).values
+        image = torch.where(image >= 0, image - first.clamp_max(image.max() + 1), image)
+        return Layout(image, sink)
 
     @classmethod
     def from_spec(cls, spec: str, template: Template) -> Layout:
         """The layout of :func:`input_ids_from_spec` (batch 1)."""
         return cls.from_input_ids(input_ids_from_spec(spec, template), template)
+
+
+def _open_ended_row(ids: torch.Tensor, real: torch.Tensor, template: Template, video_grid_thw):
+    """``(image, sink)`` of one row that may end inside an image: the row as it is, or closed by the fewest
+    delimiters that make it well formed (a close; two, for a frame inside a video; a final part and a close),
+    cut back to its length. Only ids after the row change, so every token keeps the segment it has in the
+    whole prompt. Raises the row's own LayoutError if no such ending exists (it is malformed before its end)."""
+    S = ids.shape[1]
+    closes = list(dict.fromkeys(template.image_close_ids))
+    endings = [[]] + [[c] for c in closes] + [[c, d] for c in closes for d in closes] + [
+        [f, c] for f in template.final_part_ids for c in closes]
+    first = None
+    for ending in endings:
+        tail = torch.tensor([ending], dtype=ids.dtype)
+        tail_real = torch.ones_like(tail, dtype=torch.bool)
+        try:
+            image, sink = find_segments(torch.cat([ids, tail], 1), torch.cat([real, tail_real], 1), template,
+                                        video_grid_thw)
+        except LayoutError as e:
+            first = first or e
+            continue
+        return image[:, :S], sink[:, :S]
+    raise first
 
 
 def image_segments(image_row: torch.Tensor) -> list[tuple[int, int, int]]:
@@ -280,13 +320,13 @@ _MEMO = BoundedCache("layout.prompts", max_entries=64, max_bytes=64 << 20)
 
 def layout_from_ids(input_ids: torch.Tensor, template: Template, attention_mask=None, video_grid_thw=None) -> Layout:
     """:meth:`Layout.from_input_ids`, memoized on the *content* of the ids, mask and video grids (every graph and
-    every layer of one forward asks; a reused buffer with new content is a new prompt). Works on inference
-    tensors."""
+    every layer of one forward asks; a reused buffer with new content is a new prompt), with ``open_end``: the
+    ids may be the start of a prompt that is prefilled in chunks. Works on inference tensors."""
     key = (tensor_digest(input_ids), tensor_digest(attention_mask), tensor_digest(video_grid_thw), template)
 
     def build():
         try:
-            return Layout.from_input_ids(input_ids, template, attention_mask, video_grid_thw)
+            return Layout.from_input_ids(input_ids, template, attention_mask, video_grid_thw, open_end=True)
         except LayoutError as e:  # remembered too: every layer of the forward asks again
             return e
     found = _MEMO.get_or_build(key, build)
@@ -308,35 +348,14 @@ def _first_refusal(ids: torch.Tensor) -> bool:
     return True
 
 
-_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
-
-
-def enclosing_input_ids(max_frames: int = 200):
-    """``(input_ids, attention_mask)`` of the innermost running model call that has them, else ``(None, None)``.
-
-    Walks up the Python stack (skipping torch's and BlindSight's own frames) through the frames of
-    ``nn.Module`` methods, and returns the first ``input_ids`` local that is a 2-D integer tensor, with that
-    frame's ``attention_mask`` if it is 2-D. It stops at the first frame that is not a module method (the
-    caller's own code). Every frame it looks at is still running, so the ids always belong to the forward call
-    in progress: a call made with ``inputs_embeds`` only never inherits an earlier prompt's ids. Qwen2-VL's
-    language model, for one, sees only ``inputs_embeds``; the VLM's forward that called it holds the ids.
-    """
-    f = sys._getframe(1)
-    for _ in range(max_frames):
-        if f is None:
-            break
-        code = f.f_code
-        if not code.co_filename.startswith(_INTERNAL_DIRS):
-            local = f.f_locals
-            if not isinstance(local.get("self"), torch.nn.Module):
-                break
-            ids = local.get("input_ids")
-            if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-                mask = local.get("attention_mask")
-                mask = mask if isinstance(mask, torch.Tensor) and mask.shape == ids.shape else None
-                return ids, mask
-        f = f.f_back
-    return None, None
+def enclosing_input_ids():
+    """``(input_ids, attention_mask)`` of the innermost running model call that has them, else ``(None, None)``
+    (:func:`blindsight.sequence.running_prompts`; the mask only if it has the ids' shape)."""
+    prompts = running_prompts()
+    if not prompts:
+        return None, None
+    p = prompts[0]
+    return p.ids, p.mask if p.mask is not None and p.mask.shape == p.ids.shape else None
 
 
 def enclosing_video_grid(max_frames: int = 200):
@@ -347,7 +366,7 @@ def enclosing_video_grid(max_frames: int = 200):
     for _ in range(max_frames):
         if f is None:
             break
-        if not f.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        if not f.f_code.co_filename.startswith(INTERNAL_DIRS):
             local = f.f_locals
             if not isinstance(local.get("self"), torch.nn.Module):
                 break
@@ -358,31 +377,50 @@ def enclosing_video_grid(max_frames: int = 200):
     return None
 
 
-def prompt_layout(template: Template | None, ids=None, mask=None,
-                  warn: bool = False) -> tuple[Layout | None, str | None]:
+def prompt_layout(template: Template | None, ids=None, mask=None, warn: bool = False, seq_len: int | None = None,
+                  prompts: list[RunningPrompt] | None = None,
+                  query_len: int | None = None) -> tuple[Layout | None, str | None]:
     """``(layout, None)`` for the attention calls about to run, or ``(None, reason)``: the one layout source of
     the compiled and the eager path. Order: :func:`use_layout`; the given ``ids``/``mask`` (a graph's own
-    ``input_ids`` input); :func:`enclosing_input_ids` (and :func:`enclosing_video_grid` for per-frame video
-    segments). A malformed prompt gives reason ``malformed_prompt``
-    (counted as ``malformed_prompts`` once per forward; ``warn``: with the LayoutError's text)."""
+    ``input_ids`` input) or the innermost running model call's (``prompts``: :func:`running_prompts`, found here
+    if not given), with :func:`enclosing_video_grid` for per-frame video segments. ``seq_len``: the calls' key
+    length; when it is longer than the ids (queries at an offset: a cache holds the earlier tokens), the layout
+    is of the whole sequence (:func:`blindsight.sequence.sequence_ids`), its last ``seq_len`` positions when a
+    cache keeps only those (a sliding window; also a :func:`use_layout` layout, for a call whose ``query_len`` is
+    below ``seq_len``), or the reason is ``unknown_prefix``. A malformed prompt gives
+    reason ``malformed_prompt`` (counted as ``malformed_prompts`` once per forward; ``warn``: with the
+    LayoutError's text)."""
     layout = active_layout()
+    offset = query_len is not None and seq_len is not None and query_len < seq_len
     if layout is not None:
-        return layout, None
+        return (layout.last(seq_len) if offset and layout.seq_len > seq_len else layout), None
     if template is None:
         return None, "no_template"
-    if ids is None:
-        ids, mask = enclosing_input_ids()
-    if ids is None:
+    prompts = running_prompts() if prompts is None else prompts
+    if ids is not None and not (prompts and prompts[0].ids is ids):  # the graph's own input: innermost
+        prompts = [RunningPrompt(ids, mask, prompts[0].cache if prompts else None), *prompts]
+    if not prompts:
         return None, "no_layout"
-    if mask is not None and mask.shape != ids.shape:
-        mask = None
+    inner = prompts[0]
+    ids = inner.ids
+    mask = inner.mask if inner.mask is not None and inner.mask.shape == ids.shape else None
+    if seq_len is not None and seq_len > ids.shape[1]:
+        found = sequence_ids(prompts)
+        if found is None or found[0].shape[1] < seq_len:
+            return None, "unknown_prefix"
+        ids, mask = found
+    elif inner.cache is not None:
+        remember(inner.cache, ids, mask, inner.ids)  # the start of a sequence that later forwards may continue
     grid = enclosing_video_grid() if template.video_segments == "frame" else None
     try:
-        return layout_from_ids(ids, template, mask, grid), None
+        layout = layout_from_ids(ids, template, mask, grid)
     except LayoutError as e:
-        if not _first_refusal(ids):
+        if not _first_refusal(inner.ids):
             return None, "malformed_prompt"
         count("malformed_prompts")
         if warn:
             warnings.warn(f"BlindSight: malformed prompt, running dense: {e}", stacklevel=3)
         return None, "malformed_prompt"
+    if seq_len is not None and layout.seq_len > seq_len:  # the cache holds the last seq_len tokens only
+        layout = layout.last(seq_len)
+    return layout, None

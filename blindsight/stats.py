@@ -26,6 +26,9 @@ FALLBACK_ADVICE = {
     "no_layout": "no input_ids reached this call's forward; pass input_ids, or wrap the call in "
                  "blindsight.use_layout(Layout.from_input_ids(...))",
     "layout_mismatch": "the layout's batch size or length differs from the attention call's",
+    "unknown_prefix": "a forward continuing a KV cache whose earlier tokens BlindSight did not see (a cache built "
+                      "elsewhere, cropped or reordered); wrap the call in blindsight.use_layout(layout of the whole "
+                      "sequence), or build the cache through this model (generate, or forwards with this cache)",
     "no_layer": "a graph compiled from one decoder layer ran outside that layer's forward, so its categories "
                 "are unknown; please report the model",
     "malformed_prompt": "the prompt's image delimiters are malformed (see blindsight.Layout.from_input_ids)",

@@ -133,7 +133,8 @@ def reference_attention(model, layout: Layout, profile: Profile):
     """Eager reference: every language-model attention head gets the DESIGN.md §2 mask of its category.
 
     Forward pre-hooks tell which decoder layer runs; SDPA is intercepted and given
-    ``reference_mask(layout, layer categories) AND the call's own mask`` for full-prompt calls.
+    ``reference_mask(layout, layer categories) AND the call's own mask`` for prefill calls: the whole prompt, or
+    a chunk at an offset whose keys are the first K tokens of ``layout`` (caches that keep every token).
     """
     sdpa = torch.nn.functional.scaled_dot_product_attention
     current = {"layer": None}
@@ -146,10 +147,13 @@ def reference_attention(model, layout: Layout, profile: Profile):
             handles.append(module.register_forward_hook(lambda mod, args, out: current.update(layer=None)))
 
     def patched(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        S = q.shape[2]
-        if current["layer"] is not None and S == k.shape[2] == layout.seq_len:
+        S, K = q.shape[2], k.shape[2]
+        # prefill: the whole prompt, or queries at an offset continuing a cache (full attention: the keys are the
+        # first K tokens of the layout's sequence, the queries its rows K - S ..)
+        if current["layer"] is not None and 1 < S <= K <= layout.seq_len and (S == K or attn_mask is not None):
             cats = profile.layer_categories(current["layer"])
-            mask = reference_mask(layout, cats, BaseMask(causal=False))
+            prefix = Layout(layout.image[:, :K], layout.sink[:, :K])
+            mask = reference_mask(prefix, cats, BaseMask(causal=False), torch.arange(K - S, K))
             if attn_mask is not None:
                 mask = mask & attn_mask
             elif is_causal:

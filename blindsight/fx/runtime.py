@@ -33,6 +33,7 @@ from ..hf import UnsupportedAttentionError, is_tower, one_layer_attention, text_
 from ..layout import prompt_layout
 from ..lowering import calls_use, never_pays
 from ..profile import ModelInfo, Profile, ProfileMismatchError, check_template
+from ..sequence import running_prompts
 from ..stats import count, record_fallback
 from .options import BackendOptions
 from .rewrite import rewrite_sites
@@ -144,9 +145,8 @@ class GraphRunner:
             record_fallback(reason, len(self.scan.sites), self.options.warn_on_fallback)
             count("dense_graph_runs")
             return self.dense(*args)
-        layout, reason = self._layout(args)
         heads = self._running_layer_heads() if self.layer_type is not None else None
-        with calls_use(layout, reason, self.options.warn_on_fallback, heads):
+        with calls_use(None, None, self.options.warn_on_fallback, heads, resolve=self._layout(args)):
             return self.compiled(*args)
 
     def _running_layer_heads(self, max_frames: int = 8) -> tuple[int, ...] | None:
@@ -167,9 +167,14 @@ class GraphRunner:
         return None
 
     def _layout(self, args):
+        """``resolve(key length) -> (layout, reason)`` for this call's ops. The running model calls are found
+        here, outside the compiled graph (whose frames hold no model locals); each op asks with its key length,
+        the whole sequence's when its queries continue a cache."""
         ids = args[self.ids_at] if self.ids_at is not None else None
         mask = args[self.mask_at] if ids is not None and self.mask_at is not None else None
-        return prompt_layout(self.backend.template, ids, mask, self.options.warn_on_fallback)
+        prompts = running_prompts()
+        template, warn = self.backend.template, self.options.warn_on_fallback
+        return lambda query_len, seq_len: prompt_layout(template, ids, mask, warn, seq_len, prompts, query_len)
 
 
 def _site_shape(site, profile: Profile) -> tuple:

@@ -141,7 +141,7 @@ def _static_reason(a: dict, q, k, mask, mval) -> str | None:
     S, KV = q.shape[-2], k.shape[-2]
     if isinstance(S, int) and S == 1:
         return "decode"
-    if isinstance(S, int) and isinstance(KV, int) and S != KV:
+    if isinstance(S, int) and isinstance(KV, int) and S > KV:  # fewer queries than keys: at an offset (DESIGN §2)
         return "not_self_attention"
     return None
 

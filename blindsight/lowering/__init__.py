@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +88,24 @@ def default_scale(q: torch.Tensor, scale) -> float:
 
 @dataclass(frozen=True)
 class CallLayout:
-    """What the run time found for the attention calls it is about to run: a layout, or why there is none."""
+    """What the run time found for the attention calls it is about to run: a layout, or why there is none;
+    or ``resolve(query length, key length) -> (layout, reason)``, asked by each call (calls at an offset need
+    the layout of the whole sequence, whose length only the call knows) and remembered per shape."""
 
     layout: Layout | None
     reason: str | None = None
     warn_always: bool = False
     heads: tuple[int, ...] | None = None  # the running decoder layer's categories, for ops rewritten without
+    resolve: Callable | None = None
+    resolved: dict = field(default_factory=dict, compare=False)
+
+    def for_call(self, query_len: int, seq_len: int) -> tuple[Layout | None, str | None]:
+        if self.resolve is None or self.reason is not None:
+            return self.layout, self.reason
+        key = (query_len, seq_len)
+        if key not in self.resolved:
+            self.resolved[key] = self.resolve(query_len, seq_len)
+        return self.resolved[key]
 
 
 _CALL: contextvars.ContextVar[CallLayout | None] = contextvars.ContextVar("blindsight_call_layout", default=None)
@@ -101,10 +113,11 @@ _CALL: contextvars.ContextVar[CallLayout | None] = contextvars.ContextVar("blind
 
 @contextlib.contextmanager
 def calls_use(layout: Layout | None, reason: str | None = None, warn_always: bool = False,
-              heads: tuple[int, ...] | None = None):
-    """Attention calls inside the block (``blindsight::attention`` ops) use this layout, or run dense for ``reason``;
-    ``heads``: the categories of ops rewritten without their own (a graph that holds one decoder layer)."""
-    token = _CALL.set(CallLayout(layout, reason, warn_always, heads))
+              heads: tuple[int, ...] | None = None, resolve: Callable | None = None):
+    """Attention calls inside the block (``blindsight::attention`` ops) use this layout, or run dense for ``reason``,
+    or the layout ``resolve(key length)`` gives; ``heads``: the categories of ops rewritten without their own (a
+    graph that holds one decoder layer)."""
+    token = _CALL.set(CallLayout(layout, reason, warn_always, heads, resolve))
     try:
         yield
     finally:
@@ -146,9 +159,9 @@ def why_dense(q, k, v, layout: Layout | None, reason: str | None) -> str | None:
         return reason
     if layout is None:
         return "no_layout"
-    if q.shape[2] != k.shape[2]:
+    if q.shape[2] > k.shape[2]:
         return "not_self_attention"
-    if layout.seq_len != q.shape[2] or layout.batch_size != q.shape[0]:
+    if layout.seq_len != k.shape[2] or layout.batch_size != q.shape[0]:  # the layout of the whole sequence
         return "layout_mismatch"
     if not layout.has_images:
         return "no_images"
@@ -209,6 +222,9 @@ def sparse_attention(q, k, v, attn_mask, layout: Layout | None, heads, scale=Non
     heads = [int(Category(h)) for h in heads]
     if why is None and attn_mask is not None:
         attn_mask = mask_4d(attn_mask, q, k)
+    elif why is None and is_causal and q.shape[2] < k.shape[2]:  # SDPA's causal flag is top-left aligned then
+        top_left = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
+        attn_mask, is_causal = top_left[None, None], False
     if why is None and only_if_faster and not _pays(name, q, k, attn_mask, layout, heads, is_causal, block_size):
         why = "not_faster"
     if why is not None:
@@ -226,7 +242,7 @@ def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: t
                  block_size: int, only_if_faster: bool) -> torch.Tensor:
     """What each rewritten site calls: :func:`sparse_attention` with the layout the run time set (:func:`calls_use`)."""
     call = _CALL.get() or CallLayout(None, "no_layout")
-    layout, reason = call.layout, call.reason
+    layout, reason = call.for_call(q.shape[2], k.shape[2]) if q.shape[2] > 1 else (call.layout, call.reason)
     if not heads:
         heads = list(call.heads or ())
         if not heads and reason is None:

@@ -606,20 +606,24 @@ def _causal_work(plan: _Plan, heads: list[int], rep: int, S: int) -> Work:
     return work
 
 
-def _general_work(image_of: torch.Tensor, is_sink: torch.Tensor, heads: list[int], causal: bool) -> Work:
-    """The general path's calls (a mask, or sinks that do not open their segment), counted roughly."""
+def _general_work(image_of: torch.Tensor, is_sink: torch.Tensor, heads: list[int], causal: bool, L: int) -> Work:
+    """The general path's calls (a mask, sinks that do not open their segment, or the last L rows of the
+    sequence: queries at an offset), counted roughly."""
     S = image_of.numel()
-    segments = image_segments(image_of)
+    o = S - L
+    segments = [(s0, s1) for _, s0, s1 in image_segments(image_of) if s1 > o]
     text, sinks = int((image_of < 0).sum()), int(is_sink.sum())
+    text_rows = int((image_of[o:] < 0).sum())
     work = Work()
     n_dense = sum(c == Category.DENSE for c in heads)
     if n_dense:
-        work += _dense_heads_work(n_dense, S) if causal else _small_call(1, n_dense, S, S)
+        work += _dense_heads_work(n_dense, S) if causal else _small_call(1, n_dense, L, S)
     for c in set(heads) - {int(Category.DENSE)}:
         h = sum(x == c for x in heads)
-        work += _small_call(1, h, text, S)
-        for _, s0, s1 in segments:
-            work += _small_call(1, h, s1 - s0, text + (sinks if c != Category.INTRA else 0) + s1 - s0)
+        if text_rows:
+            work += _small_call(1, h, text_rows, S)
+        for s0, s1 in segments:
+            work += _small_call(1, h, s1 - max(s0, o), text + (sinks if c != Category.INTRA else 0) + s1 - s0)
     return work
 
 
@@ -639,25 +643,26 @@ def segment_work(q, k, attn_mask, image: torch.Tensor, sink: torch.Tensor, heads
     With ``rates``, a call whose calls alone (one per head group and kind of row, before any pair) would cost
     more than dense returns that lower bound, without building the layout's plan: the short-prompt case.
     """
-    B, H, S, _ = q.shape
+    B, H, L, _ = q.shape
+    S = k.shape[2]
     rep = H // k.shape[1]
     cats = tuple(sorted(set(heads) - {int(Category.DENSE)}))
     sparse, dense = Work(), Work()
-    causal = [attn_mask is None and is_causal or attn_mask is not None and is_plain_causal(attn_mask, b)
+    causal = [L == S and (attn_mask is None and is_causal or attn_mask is not None and is_plain_causal(attn_mask, b))
               for b in range(B)]
     if rates is not None and all(causal):
         bound, full = segment_bound(B, S, H, k.shape[1], heads)
         if predicted_seconds(bound, rates) >= predicted_seconds(full, rates):
             return bound, full
     for b in range(B):
-        dense += _dense_heads_work(H, S) if causal[b] else _small_call(1, H, S, S)
+        dense += _dense_heads_work(H, S) if causal[b] else _small_call(1, H, L, S)
         image_of, is_sink = image[b], sink[b]
         has_images = bool((image_of >= 0).any())
         plan = _cached_plan(image_of, is_sink, cats) if causal[b] and cats and has_images else None
         if plan is not None:
             sparse += _causal_work(plan, heads, rep, S)
         else:
-            sparse += _general_work(image_of, is_sink, heads, causal[b])
+            sparse += _general_work(image_of, is_sink, heads, causal[b], L)
     return sparse, dense
 
 
@@ -672,10 +677,17 @@ def segment_attention(
     scale: float,
     is_causal: bool,
 ) -> torch.Tensor:
-    """SDPA(q, k, v, attn_mask or is_causal, scale) AND the per-head categories ``heads`` (Category values)."""
-    B, H, S, _ = q.shape
+    """SDPA(q, k, v, attn_mask or is_causal, scale) AND the per-head categories ``heads`` (Category values).
+
+    ``q [B, H, L, D]`` may hold fewer rows than the keys ``[B, KV, S, D]``: the last L positions of the sequence
+    (queries at an offset, DESIGN §2), with ``image``/``sink`` ``[B, S]`` the layout of the whole sequence. Such a
+    call takes the general path, with its mask (an offset call with ``is_causal`` is given its mask by the caller).
+    """
+    B, H, L, _ = q.shape
+    S = k.shape[2]
+    o = S - L  # position of the first query row
     rep = H // k.shape[1]
-    out = q.new_empty(B, H, S, v.shape[-1])
+    out = q.new_empty(B, H, L, v.shape[-1])
     heads_t = torch.tensor(heads, device=q.device)
     all_keys = torch.arange(S, device=q.device)
     sparse_heads = (heads_t != Category.DENSE).nonzero().flatten()
@@ -686,11 +698,12 @@ def segment_attention(
             mask_b, causal_b = None, True  # transformers' materialized causal mask: same pairs, faster path
         image_of, is_sink = image[b], sink[b]
         # causal rows on CPU: the fast path (it declines a layout whose sinks do not open their segment)
-        if mask_b is None and causal_b and q.device.type == "cpu" and _causal_row(q, k, v, out, b, image_of, is_sink,
-                                                                                   heads, rep, scale):
+        if o == 0 and mask_b is None and causal_b and q.device.type == "cpu" and _causal_row(
+                q, k, v, out, b, image_of, is_sink, heads, rep, scale):
             continue
-        segments = image_segments(image_of)
-        text_rows = (image_of < 0).nonzero().flatten()
+        segments = [(i, s0, s1) for i, s0, s1 in image_segments(image_of) if s1 > o]  # with rows in this call
+        text_keys = (image_of < 0).nonzero().flatten()
+        text_rows = text_keys[text_keys >= o]
         sinks = is_sink.nonzero().flatten()
         dense_heads = (torch.arange(H, device=q.device) if not segments
                        else (heads_t == Category.DENSE).nonzero().flatten())
@@ -708,34 +721,35 @@ def segment_attention(
                 for run in _text_runs(rows, mask_b is None and causal_b):
                     # causal: a text run sees only the keys up to its own end
                     keys = all_keys[: int(run[-1]) + 1] if mask_b is None and causal_b else all_keys
-                    mask = _base_rows(mask_b, b, hs, run, None if keys is all_keys else keys, causal_b)
-                    res = F.scaled_dot_product_attention(qh[:, :, run], kh[:, :, keys], vh[:, :, keys],
+                    mask = _base_rows(mask_b, b, hs, run - o, None if keys is all_keys else keys, causal_b)
+                    res = F.scaled_dot_product_attention(qh[:, :, run - o], kh[:, :, keys], vh[:, :, keys],
                                                          attn_mask=_4d(mask), scale=scale)
-                    out[b, hs[:, None], run[None, :]] = res[0]
+                    out[b, hs[:, None], (run - o)[None, :]] = res[0]
         if not segments:
             continue
         for c in sorted(set(heads) - {int(Category.DENSE)}):
             hs = (heads_t == c).nonzero().flatten()
             qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
             for i, s0, s1 in segments:
-                rows = torch.arange(s0, s1, device=q.device)
-                parts = [text_rows]
+                r0 = max(s0, o)
+                rows = torch.arange(r0, s1, device=q.device)  # positions of this call's rows in segment i
+                parts = [text_keys]
                 if c in (Category.INTRA_SINK, Category.SINK):
                     parts.append(sinks[image_of[sinks] != i])
-                parts.append(rows)
+                parts.append(torch.arange(s0, s1, device=q.device))  # the whole segment, earlier chunks included
                 keys = torch.cat(parts)
                 if mask_b is None and causal_b:
                     keys = keys[keys < s1]  # later keys are never visible to these rows
                 keep = None
                 if c == Category.SINK:  # own image: only its sinks and the query itself
                     keep = (image_of[keys] != i)[None, :] | is_sink[keys][None, :] | (keys[None, :] == rows[:, None])
-                mask = _combine(_base_rows(mask_b, b, hs, rows, keys, causal_b), keep)
+                mask = _combine(_base_rows(mask_b, b, hs, rows - o, keys, causal_b), keep)
                 if mask_b is not None:  # drop the keys no row may see (e.g. later or padded tokens)
                     seen = (mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=(0, 1))
                     keys, mask = keys[seen], mask[..., seen]
-                res = F.scaled_dot_product_attention(qh[:, :, s0:s1], kh[:, :, keys], vh[:, :, keys],
+                res = F.scaled_dot_product_attention(qh[:, :, r0 - o:s1 - o], kh[:, :, keys], vh[:, :, keys],
                                                      attn_mask=_4d(mask), scale=scale)
-                out[b, hs, s0:s1] = res[0]
+                out[b, hs, r0 - o:s1 - o] = res[0]
     return out
 
 

@@ -160,13 +160,15 @@ def assemble_block_mask(
     seq_len: int,
     block: tuple[int, int],
     allowed: torch.Tensor | None = None,
+    q_len: int | None = None,
 ) -> BlockMask:
     """A BlockMask for query heads ``head_index`` (Category values) from per-category tiles.
 
     ``allowed``: a bool base mask ``[B|1, H|1, S, S]`` whose tiles are intersected with category tiles computed
     without a base: full only where both are full, computed wherever both have something (a tile whose
     intersection is empty may be kept as partial; the mask_mod keeps the result exact). Traceable: the
-    compiler pass calls it inside the graph.
+    compiler pass calls it inside the graph. ``q_len``: fewer query rows than ``seq_len`` keys (the tiles' rows
+    are then those of the queries).
     """
     partial = partial_c[head_index].transpose(0, 1)  # [B, H, nq, nk]
     full = full_c[head_index].transpose(0, 1)
@@ -182,7 +184,8 @@ def assemble_block_mask(
     # unavailable inside a custom op's body (where the flex lowering builds its masks)
     q_num, q_idx = _ordered(partial.transpose(-1, -2))
     full_q_num, full_q_idx = _ordered(full.transpose(-1, -2))
-    return BlockMask(seq_lengths=(seq_len, seq_len), kv_num_blocks=kv_num, kv_indices=kv_idx,
+    lengths = (seq_len if q_len is None else q_len, seq_len)
+    return BlockMask(seq_lengths=lengths, kv_num_blocks=kv_num, kv_indices=kv_idx,
                      full_kv_num_blocks=full_num, full_kv_indices=full_idx, q_num_blocks=q_num, q_indices=q_idx,
                      full_q_num_blocks=full_q_num, full_q_indices=full_q_idx, BLOCK_SIZE=block, mask_mod=mask_mod)
 
@@ -192,8 +195,12 @@ def build_block_mask(
     categories: Sequence[Category | str],
     base: BaseMask | None = None,
     block_size: int | tuple[int, int] = 128,
+    q_offset: int = 0,
 ) -> BlockMask:
     """The BlockMask (H = ``len(categories)`` query heads) of base AND each head's category.
+
+    ``q_offset`` (a multiple of the query block): the queries are the rows from ``q_offset`` on of the layout's
+    sequence (DESIGN §2, queries at an offset); the base is then a tensor mask over those rows (or no mask).
 
     With an analytic base it equals ``create_block_mask(generate_blindsight_mask_mod(...))`` exactly. With a
     tensor base, see :func:`assemble_block_mask`: a few tiles may be partial that torch would skip, never
@@ -204,10 +211,18 @@ def build_block_mask(
     device = layout.image.device
     head_index = torch.tensor([int(Category.parse(c)) for c in categories], device=device)
     tiles_base = base if base.is_analytic else BaseMask(causal=False)
+    if q_offset:
+        analytic = base.causal or base.key_padding is not None or base.bidirectional_groups is not None
+        if q_offset % block[0] or analytic:
+            raise ValueError("build_block_mask: q_offset must be a multiple of the query block, with a tensor base "
+                             "or none")
+        tiles_base = BaseMask(causal=False)
     partial_c, full_c = category_tiles(layout, tiles_base, block)
-    mask_mod = generate_blindsight_mask_mod(layout.image, layout.sink, head_index, base)
+    partial_c, full_c = partial_c[:, :, q_offset // block[0]:], full_c[:, :, q_offset // block[0]:]
+    mask_mod = generate_blindsight_mask_mod(layout.image, layout.sink, head_index, base, q_offset)
     allowed = None if base.is_analytic else base.tensor.to(device)
-    return assemble_block_mask(partial_c, full_c, head_index, mask_mod, layout.seq_len, block, allowed)
+    return assemble_block_mask(partial_c, full_c, head_index, mask_mod, layout.seq_len, block, allowed,
+                               layout.seq_len - q_offset if q_offset else None)
 
 
 def _block(block_size) -> tuple[int, int]:

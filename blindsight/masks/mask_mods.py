@@ -21,6 +21,7 @@ __all__ = [
     "generate_sink_key_mask_mod",
     "generate_diagonal_mask_mod",
     "generate_category_mask_mod",
+    "generate_query_offset_mask_mod",
     "generate_head_category_mask_mod",
     "generate_causal_mask_mod",
     "generate_sliding_window_mask_mod",
@@ -213,9 +214,21 @@ class BaseMask:
         return _named(and_masks(*parts), "base")
 
 
+def generate_query_offset_mask_mod(mask_mod, offset: torch.Tensor):
+    """``mask_mod`` of query ``q_idx + offset``: for queries that are the rows from ``offset`` on of a sequence."""
+    def query_offset(b, h, q_idx, kv_idx):
+        return mask_mod(b, h, q_idx + offset, kv_idx)
+
+    return _named(query_offset, f"{getattr(mask_mod, '__name__', 'mask')}_at_offset")
+
+
 def generate_blindsight_mask_mod(image: torch.Tensor, sink: torch.Tensor, head_categories: torch.Tensor,
-                                 base: BaseMask):
-    """base AND per-head category: the complete mask of one attention call (``image``/``sink``: ``[B, S]``)."""
-    mod = and_masks(base.mask_mod(image.shape[0], head_categories.shape[0]),
-                    generate_head_category_mask_mod(image, sink, head_categories))
+                                 base: BaseMask, q_offset: int = 0):
+    """base AND per-head category: the complete mask of one attention call (``image``/``sink``: ``[B, S]``).
+    ``q_offset``: the call's queries are rows ``q_offset ...`` of the sequence (its base mask, a tensor, is over
+    the call's own rows)."""
+    category = generate_head_category_mask_mod(image, sink, head_categories)
+    if q_offset:
+        category = generate_query_offset_mask_mod(category, torch.tensor(q_offset, device=image.device))
+    mod = and_masks(base.mask_mod(image.shape[0], head_categories.shape[0]), category)
     return _named(mod, "blindsight")
