@@ -262,3 +262,20 @@ def test_a_malformed_prompt_is_counted_once_per_forward(tiny, path):
     assert s.get("malformed_prompts") == 2 and s.get("fallback.malformed_prompt") == 2 * lm.config.num_hidden_layers
     torch.testing.assert_close(got, hidden(lm, input_ids=ids), atol=1e-5, rtol=1e-5)
 
+
+
+def test_the_cost_model_builds_no_gather_index_or_mask():
+    """The cost model reads a layout's plan (integers and key lists) to decide; the gather indices and float
+    masks only a sparse run needs are built when a call runs sparse, not for calls it then runs dense."""
+    from blindsight.lowering import predicted_work
+    from blindsight.lowering.segments import _PLANS
+
+    layout = Layout.from_spec("text:40,(image:300,text:9)x4,text:20", TEMPLATE)
+    q, k = torch.zeros(1, 4, layout.seq_len, 16), torch.zeros(1, 2, layout.seq_len, 16)
+    heads = [int(c) for c in Category]
+    blindsight.clear_caches()
+    predicted_work(q, k, None, layout, heads, True, "segments")
+    kinds = {key[0] for key in _PLANS._entries}
+    assert "plan" in kinds and "tensors" not in kinds and "text_masks" not in kinds, kinds
+    sparse_attention(q, k, k, None, layout, heads, None, True, "segments", only_if_faster=False)
+    assert {"tensors", "text_masks"} <= {key[0] for key in _PLANS._entries}

@@ -32,15 +32,16 @@ __all__ = ["segment_attention", "segment_work", "segment_bound", "measure_segmen
            "is_plain_causal", "is_causal_mask"]
 
 
-def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows, keys, is_causal: bool):
+def _base_rows(attn_mask, b: int, heads: torch.Tensor, rows, keys, is_causal: bool, o: int = 0):
     """The call's own mask on (rows x keys): bool or float ``[Hc|1, R, K]``, or None for no mask.
 
-    ``rows``/``keys`` None: all of them, without copying the S x S mask.
+    ``rows``/``keys`` None: all of them, without copying the S x S mask. ``rows`` are positions in the sequence;
+    the call's queries start at position ``o`` (its mask's row i is position o + i).
     """
     if attn_mask is not None:
         m = attn_mask[b if attn_mask.shape[0] > 1 else 0]
         m = m[heads] if m.shape[0] > 1 else m
-        m = m if rows is None else m[:, rows]
+        m = m if rows is None else m[:, rows - o]
         return m if keys is None else m[:, :, keys]
     if is_causal:
         return (keys[None, :] <= rows[:, None])[None]
@@ -120,6 +121,33 @@ def is_plain_causal(mask: torch.Tensor, b: int) -> bool:
         return all(_is_causal_blocked(m[h]) for h in range(m.shape[0]))
     tril = _lower_triangle(S, mask.device)
     return all(_equal_bool(m[h], tril) for h in range(m.shape[0]))
+
+
+def is_offset_causal(mask: torch.Tensor, b: int) -> bool:
+    """Is row b of a bool mask ``[B|1, H|1, L, S]`` (L < S) exactly the causal mask of queries at offset S - L
+    (every earlier key, then the lower triangle of its own block: what transformers passes a forward that continues
+    a cache)?"""
+    if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[-2] >= mask.shape[-1]:
+        return False
+    m = mask[b if mask.shape[0] > 1 else 0]
+    L, S = m.shape[-2:]
+    own = m[:, :, S - L:]
+    if not bool(m[:, :, :S - L].all()):
+        return False
+    if _CAUSAL.max_bytes is not None and L * L > _CAUSAL.max_bytes:
+        return all(_is_causal_blocked(own[h]) for h in range(own.shape[0]))
+    tril = _lower_triangle(L, mask.device)
+    return all(torch.equal(own[h], tril) for h in range(own.shape[0]))
+
+
+def _offset_causal(qh, kh, vh, o: int, scale: float) -> torch.Tensor:
+    """Causal attention of queries ``qh [1, h, L, D]`` at offset o over keys ``[1, h|1, o + L, D]``: the keys before
+    the chunk unmasked, its own block causal (top-left within it), merged by log-sum-exp."""
+    h, D = qh.shape[1], qh.shape[3]
+    kk, vv = kh.expand(1, h, -1, D), vh.expand(1, h, -1, vh.shape[-1])
+    o1, l1 = _flash(qh, kk[:, :, :o], vv[:, :, :o], False, scale)
+    o2, l2 = _flash(qh, kk[:, :, o:], vv[:, :, o:], True, scale)
+    return _merge(o1, l1, o2, l2).to(qh.dtype)
 
 
 def is_causal_mask(mask: torch.Tensor) -> bool:
@@ -694,7 +722,8 @@ def segment_attention(
     # SDPA's fused CPU kernels need 4-D inputs (3-D ones take the slow math path): keep a batch dim of 1
     for b in range(B):
         mask_b, causal_b = attn_mask, is_causal
-        if mask_b is not None and is_plain_causal(mask_b, b):
+        if mask_b is not None and (is_plain_causal(mask_b, b) if o == 0 else
+                                   q.device.type == "cpu" and is_offset_causal(mask_b, b)):
             mask_b, causal_b = None, True  # transformers' materialized causal mask: same pairs, faster path
         image_of, is_sink = image[b], sink[b]
         # causal rows on CPU: the fast path (it declines a layout whose sinks do not open their segment)
@@ -712,7 +741,9 @@ def segment_attention(
             if hs.numel() == 0 or (rows is not None and rows.numel() == 0):
                 continue
             qh, kh, vh = q[b:b + 1, hs], k[b:b + 1, hs // rep], v[b:b + 1, hs // rep]
-            if rows is None:
+            if rows is None and o and mask_b is None and causal_b:  # causal at an offset: earlier keys + own block
+                out[b, hs] = _offset_causal(qh, kh, vh, o, scale)[0]
+            elif rows is None:
                 mask = _base_rows(mask_b, b, hs, None, None, False)
                 res = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=None if mask is None else mask[None],
                                                      is_causal=mask_b is None and causal_b, scale=scale)
@@ -721,7 +752,7 @@ def segment_attention(
                 for run in _text_runs(rows, mask_b is None and causal_b):
                     # causal: a text run sees only the keys up to its own end
                     keys = all_keys[: int(run[-1]) + 1] if mask_b is None and causal_b else all_keys
-                    mask = _base_rows(mask_b, b, hs, run - o, None if keys is all_keys else keys, causal_b)
+                    mask = _base_rows(mask_b, b, hs, run, None if keys is all_keys else keys, causal_b, o)
                     res = F.scaled_dot_product_attention(qh[:, :, run - o], kh[:, :, keys], vh[:, :, keys],
                                                          attn_mask=_4d(mask), scale=scale)
                     out[b, hs[:, None], (run - o)[None, :]] = res[0]
@@ -743,7 +774,7 @@ def segment_attention(
                 keep = None
                 if c == Category.SINK:  # own image: only its sinks and the query itself
                     keep = (image_of[keys] != i)[None, :] | is_sink[keys][None, :] | (keys[None, :] == rows[:, None])
-                mask = _combine(_base_rows(mask_b, b, hs, rows - o, keys, causal_b), keep)
+                mask = _combine(_base_rows(mask_b, b, hs, rows, keys, causal_b, o), keep)
                 if mask_b is not None:  # drop the keys no row may see (e.g. later or padded tokens)
                     seen = (mask if mask.dtype == torch.bool else mask > float("-inf")).any(dim=(0, 1))
                     keys, mask = keys[seen], mask[..., seen]

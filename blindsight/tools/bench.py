@@ -11,10 +11,15 @@ All timings are warm, in one process, the median of ``repeat`` runs. Reported:
 - ``recompiles_same_length``: after a warm-up prompt, compilations (Dynamo graphs + sparse graphs) caused by
   ``recompile_prompts`` prompts of one length (``recompile_len`` tokens, fed as ``input_ids``, so the backend
   reads each layout from the ids) whose images sit elsewhere, in other numbers and sizes. It must be 0.
+
+``--chunk N`` (:func:`run_chunked`) measures the prompt prefilled N tokens at a time instead, as chunked
+prefill and cached prefixes run it (DESIGN §2, queries at an offset): one layer over the same chunks, dense SDPA
+with each chunk's mask vs BlindSight, against the same ideal; the prompt unchunked; and a whole prefill in chunks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from dataclasses import dataclass
 
@@ -380,3 +385,129 @@ def format_table(r: dict) -> str:
                      f"{r['recompiles_same_length']} ({r['recompile_sparse_calls']} sparse calls)"))
     w = max(len(a) for a, _ in rows)
     return "\n".join(f"{a:<{w}}  {b}" for a, b in rows)
+
+
+def chunk_masks(S: int, chunk: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, end, mask) of each chunk of a prompt of S tokens prefilled ``chunk`` at a time: the bool mask
+    ``[1, 1, L, end]`` transformers passes a forward that continues a cache (causal, bottom-right aligned)."""
+    out = []
+    for o in range(0, S, chunk):
+        e = min(S, o + chunk)
+        out.append((o, e, (torch.arange(e)[None, :] <= torch.arange(o, e)[:, None])[None, None]))
+    return out
+
+
+def chunked_point(cfg: BenchConfig, layout: Layout, heads, chunk: int, repeat: int | None = None) -> dict:
+    """One layer's attention for ``layout`` prefilled ``chunk`` tokens at a time (each chunk's queries over every
+    earlier key and its own, with the layout of the sequence so far): dense SDPA with each chunk's mask (what
+    transformers runs) vs BlindSight on the same chunks, forced sparse and with its defaults; exactness against
+    the definition on sampled rows of the whole prompt; the ideal (chunking keeps the same pairs)."""
+    from ..lowering import sparse_attention
+
+    lowering = resolve_lowering(cfg.lowering, "cpu")
+    dtype = getattr(torch, cfg.dtype)
+    repeat = repeat or cfg.repeat
+    S = layout.seq_len
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, cfg.heads, S, cfg.head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(1, cfg.kv_heads, S, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
+    pieces = [(o, e, m, Layout(layout.image[:, :e], layout.sink[:, :e])) for o, e, m in chunk_masks(S, chunk)]
+
+    def dense():
+        return [torch.nn.functional.scaled_dot_product_attention(q[:, :, o:e], k[:, :, :e], v[:, :, :e], attn_mask=m,
+                                                                 enable_gqa=True) for o, e, m, _ in pieces]
+
+    def sparse(only_if_faster=False):
+        return [sparse_attention(q[:, :, o:e], k[:, :, :e], v[:, :, :e], m, prefix, heads, None, False, lowering,
+                                 only_if_faster=only_if_faster) for o, e, m, prefix in pieces]
+
+    with torch.no_grad():
+        t = alternating_medians({"dense": dense, "sparse": sparse, "default": lambda: sparse(True)}, repeat)
+        out = torch.cat(sparse(), 2)
+        checked = sample_rows(layout)
+        err = max_error_on_rows(out, q, k, v, layout, heads, checked)
+    one_layer = Profile.from_categories([heads], ModelInfo("bench", 1, cfg.heads, cfg.kv_heads, cfg.head_dim))
+    ideal = attention_flops(layout, one_layer).ideal_speedup
+    return {"chunk": chunk, "chunks": len(pieces), "tokens": S, "lowering": lowering,
+            "dense_chunked_s": t["dense"], "blindsight_chunked_s": t["sparse"], "default_chunked_s": t["default"],
+            "chunked_speedup": t["dense"] / t["sparse"], "chunked_default_speedup": t["dense"] / t["default"],
+            "ideal": ideal, "chunked_efficiency": t["dense"] / t["sparse"] / ideal, "max_abs_error": err,
+            "checked_rows": int(checked.numel())}
+
+
+def chunked_prefill(cfg: BenchConfig, profile: Profile, layout: Layout, chunk: int) -> dict:
+    """The whole prefill of a random-weight language model of the config's shape, ``chunk`` tokens at a time with
+    a cache, as a user loop or a server runs it: eager dense SDPA vs ``attach`` (each chunk in ``use_layout`` of
+    the sequence so far), and the FLOP ratio of that prefill."""
+    from transformers import DynamicCache, Qwen2Config, Qwen2Model
+
+    from ..attention import attach, detach
+    from ..layout import use_layout
+
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(0)
+    config = Qwen2Config(hidden_size=cfg.hidden, intermediate_size=4 * cfg.hidden, num_hidden_layers=cfg.layers,
+                         num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim,
+                         vocab_size=1024)
+    config._attn_implementation = "sdpa"
+    model = Qwen2Model(config).eval().to(dtype)
+    emb = torch.randn(1, layout.seq_len, cfg.hidden, dtype=dtype)
+    spans = [(o, e) for o, e, _ in chunk_masks(layout.seq_len, chunk)]
+
+    def prefill(sparse: bool):
+        cache = DynamicCache(config=config)
+        for o, e in spans:
+            prefix = Layout(layout.image[:, :e], layout.sink[:, :e])
+            with use_layout(prefix) if sparse else contextlib.nullcontext():
+                model(inputs_embeds=emb[:, o:e], past_key_values=cache, use_cache=True)
+
+    with torch.no_grad():
+        t_dense = alternating_medians({"dense": lambda: prefill(False)}, cfg.repeat, 1)["dense"]
+        attach(model, profile, lowering=cfg.lowering)
+        try:
+            t_sparse = alternating_medians({"sparse": lambda: prefill(True)}, cfg.repeat, 1)["sparse"]
+        finally:
+            detach(model)
+    ideal = prefill_flops(layout, profile, config).ideal_speedup
+    return {"dense_chunked_prefill_s": t_dense, "blindsight_chunked_prefill_s": t_sparse,
+            "chunked_prefill_speedup": t_dense / t_sparse, "prefill_ideal": ideal,
+            "chunked_prefill_efficiency": t_dense / t_sparse / ideal}
+
+
+def run_chunked(cfg: BenchConfig, chunk: int, profile: Profile | None = None, progress: bool = True) -> dict:
+    """``blindsight bench --chunk N``: the chunked point, the same prompt unchunked, and the chunked prefill."""
+    from ..categories import parse_mix
+
+    layout = Layout.from_input_ids(input_ids_from_spec(cfg.layout, BENCH_TEMPLATE), BENCH_TEMPLATE)
+    info = ModelInfo("bench", cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim, BENCH_TEMPLATE.to_dict())
+    if profile is None:
+        profile = Profile.from_categories([parse_mix(cfg.mix, cfg.heads)] * cfg.layers, info)
+    heads = profile.layer_categories(0)
+    steps = progress_steps(progress, 3 if cfg.prefill else 2, "bench --chunk")
+    result = {"layout": cfg.layout, **chunked_point(cfg, layout, heads, chunk)}
+    next(steps)
+    whole = attention_point(cfg, layout, heads)
+    result.update(unchunked_speedup=whole["speedup"], unchunked_efficiency=whole["efficiency"],
+                  dense_unchunked_s=whole["dense_attention_s"])
+    next(steps)
+    if cfg.prefill:
+        result.update(chunked_prefill(cfg, profile, layout, chunk))
+        next(steps)
+    return result
+
+
+def format_chunked(r: dict) -> str:
+    rows = [("prompt", f"{r['tokens']} tokens in {r['chunks']} chunks of {r['chunk']} ({r['lowering']})"),
+            ("one layer, chunked: dense SDPA / BlindSight", f"{1000 * r['dense_chunked_s']:.1f} / "
+             f"{1000 * r['blindsight_chunked_s']:.1f} ms ({r['chunked_speedup']:.2f}x, default options "
+             f"{r['chunked_default_speedup']:.2f}x)"),
+            ("ideal (FLOP ratio) / efficiency", f"{r['ideal']:.2f}x / {r['chunked_efficiency']:.2f}"),
+            ("unchunked, for comparison", f"{r['unchunked_speedup']:.2f}x, efficiency {r['unchunked_efficiency']:.2f} "
+             f"(dense unchunked {1000 * r['dense_unchunked_s']:.1f} ms)"),
+            ("max |error| vs definition", f"{r['max_abs_error']:.1e} on {r['checked_rows']} rows")]
+    if "chunked_prefill_speedup" in r:
+        rows.append(("whole prefill in chunks: dense / BlindSight", f"{r['dense_chunked_prefill_s']:.2f} / "
+                     f"{r['blindsight_chunked_prefill_s']:.2f} s ({r['chunked_prefill_speedup']:.2f}x, ideal "
+                     f"{r['prefill_ideal']:.2f}x)"))
+    width = max(len(a) for a, _ in rows)
+    return "\n".join(f"{a:<{width}}  {b}" for a, b in rows)

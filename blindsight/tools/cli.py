@@ -578,6 +578,15 @@ def cmd_bench(args) -> int:
                 arrangements(cfg.recompile_len, cfg.recompile_prompts + 1)
             except ValueError as e:
                 raise UserError(f"--recompile-len: {e}") from e
+    if args.chunk is not None:
+        from .bench import format_chunked, run_chunked
+
+        if args.sweep is not None:
+            raise UserError("--chunk measures one prompt (--layout); it does not combine with --sweep")
+
+        result = run_chunked(cfg, args.chunk, profile, progress=not args.json)
+        print(json.dumps(result, indent=1) if args.json else format_chunked(result))
+        return 0
     if args.sweep is not None:
         from .bench import crossover, format_sweep, sweep
 
@@ -729,6 +738,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default=None, help="one layer's attention at each of these prompt lengths (default 256 to 64K "
                    "tokens, 2 to 128 images) instead of --layout: a table, and with --png a plot")
     b.add_argument("--png", type=output_file, default=None, help="with --sweep: where to draw speedup vs length")
+    b.add_argument("--chunk", type=_int_between(2, MAX_LAYOUT_TOKENS, "an integer >= 2"), default=None,
+                   help="prefill --layout this many tokens at a time (chunked prefill, queries at an offset)")
     b.add_argument("--json", action="store_true")
     b.set_defaults(func=cmd_bench)
     return p

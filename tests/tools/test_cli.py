@@ -350,3 +350,17 @@ def test_inspect_of_an_unreadably_long_number_is_one_line(tmp_path):
     path = _profile_with_thresholds(tmp_path, 0.9)
     path.write_text(path.read_text().replace('"thresholds": 0.9', '"thresholds": ' + "9" * 5000))
     assert_user_error(run_cli("inspect", path), "p.json", "corrupt profile")
+
+
+def test_bench_chunk_measures_a_chunked_prefill_exactly(capsys):
+    """``bench --chunk``: the prompt in chunks (boundaries inside images), exact against the definition, with its
+    speedup, ideal and the unchunked run; with --sweep it is one line and exit 2."""
+    assert main(["bench", *SMALL_BENCH, "--layout", "text:9,(image:40,text:5)x4,text:7", "--chunk", "50",
+                 "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["chunks"] == 4 and r["tokens"] == 196 and r["max_abs_error"] < 1e-5
+    for key in ("chunked_speedup", "ideal", "unchunked_speedup", "chunked_prefill_speedup"):
+        assert r[key] > 0, key
+    assert main(["bench", "--chunk", "50", "--sweep", "256"]) == 2
+    err = capsys.readouterr().err
+    assert "--chunk" in err and len(err.strip().splitlines()) == 1
