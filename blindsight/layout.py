@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import hashlib
 import re
-import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import BoundedCache, tensor_digest
-from .sequence import INTERNAL_DIRS, RunningPrompt, remember, running_prompts, sequence_ids
+from .sequence import RunningPrompt, remember, running_model_calls, running_prompts, sequence_ids
 from .stats import count
 from .template import LayoutError, Template, find_segments
 
@@ -358,22 +357,13 @@ def enclosing_input_ids():
     return p.ids, p.mask if p.mask is not None and p.mask.shape == p.ids.shape else None
 
 
-def enclosing_video_grid(max_frames: int = 200):
-    """The ``video_grid_thw`` local (``[videos, 3]``) of the innermost running model call that has one, else None:
-    what per-frame video segments of Qwen2/2.5-VL need besides the ids. The same walk as
-    :func:`enclosing_input_ids`."""
-    f = sys._getframe(1)
-    for _ in range(max_frames):
-        if f is None:
-            break
-        if not f.f_code.co_filename.startswith(INTERNAL_DIRS):
-            local = f.f_locals
-            if not isinstance(local.get("self"), torch.nn.Module):
-                break
-            grid = local.get("video_grid_thw")
-            if isinstance(grid, torch.Tensor) and grid.dim() == 2 and grid.shape[-1] == 3:
-                return grid
-        f = f.f_back
+def enclosing_video_grid():
+    """The ``video_grid_thw`` (``[videos, 3]``) of the innermost running model call that has one, else None: what
+    per-frame video segments of Qwen2/2.5-VL need besides the ids (:func:`running_model_calls`)."""
+    for arg in running_model_calls():
+        grid = arg("video_grid_thw")
+        if isinstance(grid, torch.Tensor) and grid.dim() == 2 and grid.shape[-1] == 3:
+            return grid
     return None
 
 

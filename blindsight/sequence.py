@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["RunningPrompt", "running_prompts", "sequence_ids", "remember", "forget", "INTERNAL_DIRS"]
+__all__ = ["RunningPrompt", "running_model_calls", "running_prompts", "sequence_ids", "remember", "forget"]
 
-INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
+_INTERNAL_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(__file__) + os.sep)
 _INVALIDATING = ("crop", "reorder_cache", "reset", "batch_select_indices", "batch_repeat_interleave")
 
 
@@ -46,37 +46,39 @@ class RunningPrompt:
     cache: object | None
 
 
-def running_prompts(max_frames: int = 200) -> list[RunningPrompt]:
-    """The running model calls that have 2-D integer ``input_ids``, innermost first.
+def running_model_calls(max_frames: int = 200):
+    """For each running model call, innermost first, a function ``arg(name)`` that reads its argument ``name``.
 
     Walks up the Python stack (skipping torch's and BlindSight's own frames) through the frames of ``nn.Module``
     methods, and stops at the first frame that is not one (the caller's own code). Every frame it looks at is
-    still running, so the ids always belong to the forward in progress or to a call around it (``generate``).
+    still running, so what it reads belongs to the forward in progress or to a call around it (``generate``).
+    transformers' forward decorators (``wrapper(self, *args, **kwargs)``) hold a call's arguments in ``kwargs``:
+    under torch.compile the forward's own frame is compiled away and only theirs runs, so those are read too.
     """
-    out = []
     f = sys._getframe(1)
     for _ in range(max_frames):
         if f is None:
             break
-        if not f.f_code.co_filename.startswith(INTERNAL_DIRS):
+        if not f.f_code.co_filename.startswith(_INTERNAL_DIRS):
             local = f.f_locals
             if not isinstance(local.get("self"), torch.nn.Module):
                 break
-            # transformers' forward decorators (``wrapper(self, *args, **kwargs)``) hold a call's arguments in
-            # ``kwargs``: under torch.compile the forward's own frame is compiled away and only theirs runs
             kwargs = local.get("kwargs")
             kwargs = kwargs if isinstance(kwargs, dict) else {}
-
-            def arg(name, local=local, kwargs=kwargs):
-                return local.get(name, kwargs.get(name))
-
-            ids = arg("input_ids")
-            if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
-                mask = arg("attention_mask")
-                mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
-                cache = arg("past_key_values")
-                out.append(RunningPrompt(ids, mask, cache if _is_cache(cache) else None))
+            yield lambda name, local=local, kwargs=kwargs: local.get(name, kwargs.get(name))
         f = f.f_back
+
+
+def running_prompts(max_frames: int = 200) -> list[RunningPrompt]:
+    """The running model calls (:func:`running_model_calls`) that have 2-D integer ``input_ids``, innermost first."""
+    out = []
+    for arg in running_model_calls(max_frames):
+        ids = arg("input_ids")
+        if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point():
+            mask = arg("attention_mask")
+            mask = mask if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+            cache = arg("past_key_values")
+            out.append(RunningPrompt(ids, mask, cache if _is_cache(cache) else None))
     return out
 
 
