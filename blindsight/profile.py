@@ -441,15 +441,7 @@ def _check_version(version, source: str) -> int:
 
 def _model_fields(m) -> dict:
     """The file's ``model`` object, checked field by field (names as in the file: ``model.<field>``)."""
-    names = [f.name for f in fields(ModelInfo)]
-    if not isinstance(m, dict):
-        raise ValueError(f"model must be an object with {names}, got {show(m)}")
-    for key in m:
-        if key not in names:
-            raise ValueError(f"model.{key} is not a model field (fields: {names})")
-    for name in names:
-        if name not in m and name != "template":
-            raise ValueError(f"model.{name} is missing")
+    _check_object(m, "model", [f.name for f in fields(ModelInfo)], "model", optional=("template",))
     _check_model_fields(m, "model")
     return m
 
@@ -554,18 +546,22 @@ def _check_recall_value(v, where: str) -> None:
         raise ValueError(f"{where} must be a recall in [0, 1], got {show(v)}")
 
 
+def _check_object(obj, where: str, names: list[str], kind: str, optional=()) -> None:
+    """``obj`` is a JSON object with exactly the fields ``names`` (those in ``optional`` may be absent)."""
+    if not isinstance(obj, dict):
+        raise ValueError(f"{where} must be an object with {names}, got {show(obj)}")
+    for key in obj:
+        if key not in names:
+            raise ValueError(f"{where}.{key} is not a {kind} field (fields: {names})")
+    for name in names:
+        if name not in obj and name not in optional:
+            raise ValueError(f"{where}.{name} is missing")
+
+
 def _check_video_report(report, where: str) -> None:
     """``calibration.video_segments``: ``{"prompts": n, "video": {category: mean recall}, "frame": {...}}``."""
     names = [c.json_name for c in SPARSE_CATEGORIES]
-    fields_ = ["prompts", *VIDEO_SEGMENTS]
-    if not isinstance(report, dict):
-        raise ValueError(f"{where} must be an object with {fields_}, got {show(report)}")
-    for key in report:
-        if key not in fields_:
-            raise ValueError(f"{where}.{key} is not a field of the video report (fields: {fields_})")
-    for key in fields_:
-        if key not in report:
-            raise ValueError(f"{where}.{key} is missing")
+    _check_object(report, where, ["prompts", *VIDEO_SEGMENTS], "video report")
     _check_count(report["prompts"], f"{where}.prompts", 1)
     for choice in VIDEO_SEGMENTS:
         means = report[choice]

@@ -123,6 +123,15 @@ def max_error_on_rows(out, q, k, v, layout: Layout, heads, rows: torch.Tensor, c
     return err
 
 
+def random_qkv(cfg: BenchConfig, S: int):
+    """One layer's q ``[1, heads, S, d]`` and k, v ``[1, kv_heads, S, d]`` in the config's dtype, seeded."""
+    dtype = getattr(torch, cfg.dtype)
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, cfg.heads, S, cfg.head_dim, generator=g).to(dtype)
+    k, v = (torch.randn(1, cfg.kv_heads, S, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
+    return q, k, v
+
+
 def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None = None, check_rows: int = 512) -> dict:
     """One layer's attention on ``layout``: compiled dense SDPA vs BlindSight (forced sparse, and with its
     defaults, where the cost model may run it dense), ideal, exactness on sampled rows, extra memory."""
@@ -133,9 +142,7 @@ def attention_point(cfg: BenchConfig, layout: Layout, heads, repeat: int | None 
     dtype = getattr(torch, cfg.dtype)
     repeat = repeat or cfg.repeat
     S = layout.seq_len
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, cfg.heads, S, cfg.head_dim, generator=g).to(dtype)
-    k, v = (torch.randn(1, cfg.kv_heads, S, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
+    q, k, v = random_qkv(cfg, S)
     dense = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(
         q, k, v, is_causal=True, enable_gqa=True), dynamic=False)
 
@@ -405,12 +412,9 @@ def chunked_point(cfg: BenchConfig, layout: Layout, heads, chunk: int, repeat: i
     from ..lowering import sparse_attention
 
     lowering = resolve_lowering(cfg.lowering, "cpu")
-    dtype = getattr(torch, cfg.dtype)
     repeat = repeat or cfg.repeat
     S = layout.seq_len
-    g = torch.Generator().manual_seed(0)
-    q = torch.randn(1, cfg.heads, S, cfg.head_dim, generator=g).to(dtype)
-    k, v = (torch.randn(1, cfg.kv_heads, S, cfg.head_dim, generator=g).to(dtype) for _ in range(2))
+    q, k, v = random_qkv(cfg, S)
     pieces = [(o, e, m, Layout(layout.image[:, :e], layout.sink[:, :e])) for o, e, m in chunk_masks(S, chunk)]
 
     def dense():
