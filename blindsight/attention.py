@@ -6,7 +6,7 @@ function, transformers' own SDPA mask) with transformers' ``AttentionInterface``
 own. Every language-model attention call then runs :func:`blindsight.lowering.sparse_attention`, the same
 exact lowering the compiled path runs, with the layout of the call's prompt: a :func:`blindsight.use_layout`
 block, else the ``input_ids`` of the innermost running model call that has them
-(:func:`blindsight.layout.enclosing_input_ids`). Prefill, ``generate`` (its decode steps are dense by
+(:func:`blindsight.sequence.running_prompts`). Prefill, ``generate`` (its decode steps are dense by
 definition), any length and batch. ``detach(model)`` restores the previous implementation.
 """
 

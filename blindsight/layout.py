@@ -24,7 +24,7 @@ from .stats import count
 from .template import LayoutError, Template, find_segments
 
 __all__ = ["Layout", "parse_layout_spec", "input_ids_from_spec", "use_layout",
-           "image_segments", "active_layout", "layout_from_ids", "enclosing_input_ids", "enclosing_video_grid",
+           "image_segments", "active_layout", "layout_from_ids", "enclosing_video_grid",
            "prompt_layout"]
 
 
@@ -123,7 +123,7 @@ class Layout:
         tokens and sinks, renumbered from 0; a segment that started earlier has its sinks outside."""
         image, sink = self.image[:, -n:], self.sink[:, -n:]
         first = torch.where(image >= 0, image, torch.iinfo(torch.int32).max).min(dim=1, keepdim=True).values
-        image = torch.where(image >= 0, image - first.clamp_max(image.max() + 1), image)
+        image = torch.where(image >= 0, image - first, image)  # rows without images keep their -1
         return Layout(image, sink)
 
     @classmethod
@@ -345,16 +345,6 @@ def _first_refusal(ids: torch.Tensor) -> bool:
         return False
     _LAST_MALFORMED.set(weakref.ref(ids))
     return True
-
-
-def enclosing_input_ids():
-    """``(input_ids, attention_mask)`` of the innermost running model call that has them, else ``(None, None)``
-    (:func:`blindsight.sequence.running_prompts`; the mask only if it has the ids' shape)."""
-    prompts = running_prompts()
-    if not prompts:
-        return None, None
-    p = prompts[0]
-    return p.ids, p.mask if p.mask is not None and p.mask.shape == p.ids.shape else None
 
 
 def enclosing_video_grid():

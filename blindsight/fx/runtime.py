@@ -16,7 +16,7 @@ that graph, exactly plain ``torch.compile``'s, without looking for a layout; its
 
 Where the layout comes from, in order: a :func:`blindsight.use_layout` block; an ``input_ids`` input of this
 graph; the ``input_ids`` of the innermost running model call that has them
-(:func:`blindsight.layout.enclosing_input_ids`: Qwen2-VL's language model sees only ``inputs_embeds``, the
+(:func:`blindsight.sequence.running_prompts`: Qwen2-VL's language model sees only ``inputs_embeds``, the
 VLM forward that called it holds the ids). Only running calls are looked at, so a forward that passes no ids
 (``inputs_embeds`` only) never inherits an earlier prompt's layout: it runs dense, counted as
 ``fallback.no_layout``.
